@@ -1,0 +1,161 @@
+"""The SOFO sketch: Θᵀg and ΘᵀGΘ from one batched forward-mode pass."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from sofo_jax._src import channel
+from sofo_jax._src import losses as losses_lib
+from sofo_jax._src import tree as tree_lib
+
+
+class Sketch(NamedTuple):
+  """Loss value and its sketched derivatives in a K-dimensional subspace.
+
+  Attributes:
+    value: the loss value :math:`c(\\theta)`.
+    gradient: :math:`\\tilde g = \\Theta^\\top \\nabla c`, shape ``(K,)``.
+    gauss_newton: :math:`\\tilde G = \\Theta^\\top G \\Theta`, shape ``(K, K)``,
+      symmetrised.
+  """
+
+  value: Float[Array, ""]
+  gradient: Float[Array, " k"]
+  gauss_newton: Float[Array, "k k"]
+
+
+_PLAIN_RETURN_MESSAGE = (
+    "The loss closure must return a sofo_jax.losses.Loss so that SOFO can see "
+    "the curvature of the loss in output space; it returned {kind}. Write, for "
+    "example, `return sofo_jax.losses.mse(predictions, targets)` (or "
+    "softmax_cross_entropy, poisson, ..., or sofo_jax.losses.custom(outputs, "
+    "fn) for any convex function of the outputs).{hint}"
+)
+
+
+def _as_loss(output: Any, has_aux: bool) -> tuple[losses_lib.Loss, Any]:
+  if has_aux:
+    if not (isinstance(output, tuple) and len(output) == 2):
+      raise TypeError(
+          "With has_aux=True the loss closure must return a pair (loss, aux); "
+          f"got {type(output).__name__}."
+      )
+    loss, aux = output
+  else:
+    loss, aux = output, None
+  if not isinstance(loss, losses_lib.Loss):
+    hint = ""
+    if isinstance(output, tuple) and not has_aux:
+      hint = " If it returns (loss, aux), pass has_aux=True."
+    raise TypeError(
+        _PLAIN_RETURN_MESSAGE.format(kind=type(loss).__name__, hint=hint)
+    )
+  if loss.value.shape != ():
+    raise ValueError(f"The loss value must be a scalar; got {loss.value.shape}.")
+  return loss, aux
+
+
+def sketch_leaves(
+    loss_fn: Callable[..., Any],
+    part: tree_lib.Partition,
+    tangent_leaves: list,
+    has_aux: bool = False,
+) -> tuple[Sketch, Any]:
+  """:func:`sketch` on an already partitioned parameter pytree; also returns aux."""
+  sizes = {int(t.shape[0]) for t in tangent_leaves}
+  if len(sizes) != 1:
+    raise ValueError(
+        "Every tangent leaf needs the same leading axis K; got sizes "
+        f"{sorted(sizes)}."
+    )
+  (num_tangents,) = sizes
+  for t, p in zip(tangent_leaves, part.trainable):
+    if t.shape[1:] != jnp.shape(p):
+      raise ValueError(
+          f"A tangent leaf of shape {t.shape} does not match its parameter of "
+          f"shape {jnp.shape(p)} (expected (K, *param.shape))."
+      )
+
+  def value_and_channel(trainable):
+    loss, aux = _as_loss(loss_fn(part.rebuild(trainable)), has_aux)
+    if loss.curvature.shape != (num_tangents,):
+      raise ValueError(
+          "The Loss returned inside the SOFO step has no curvature channel of "
+          f"size K={num_tangents} (got shape {loss.curvature.shape}). Build "
+          "every loss inside the closure (do not reuse a Loss computed "
+          "outside it)."
+      )
+    return (loss.value, loss.curvature), aux
+
+  def one_tangent(tangent):
+    primal, derivative, aux = jax.jvp(
+        value_and_channel, (part.trainable,), (tangent,), has_aux=True
+    )
+    return primal[0], derivative, aux
+
+  value, (gradient, rows), aux = jax.vmap(
+      one_tangent, out_axes=(None, 0, None), axis_name=channel.TANGENT_AXIS
+  )(list(tangent_leaves))
+  gauss_newton = 0.5 * (rows + rows.T)
+  return Sketch(value, gradient, gauss_newton), aux
+
+
+def sketch(
+    loss_fn: Callable[..., Any],
+    params: Any,
+    tangents: Any,
+    *,
+    has_aux: bool = False,
+) -> Union[Sketch, tuple[Sketch, Any]]:
+  """Sketched gradient and Gauss–Newton matrix, by forward mode only.
+
+  For tangents :math:`\\Theta = [v_1 \\dots v_K]` and a loss
+  :math:`c(\\theta) = \\sum_t \\ell_t(y_t(\\theta))` built from
+  :mod:`sofo_jax.losses`, one ``jax.vmap`` over ``jax.jvp`` computes
+
+  .. math::
+
+      \\tilde g = \\Theta^\\top \\nabla c, \\qquad
+      \\tilde G = \\sum_t (J_t\\Theta)^\\top H_t (J_t\\Theta),
+
+  accumulating :math:`\\tilde G` wherever the closure sums its losses (inside
+  its own ``lax.scan`` for recurrent models: memory stays constant in T).
+
+  Args:
+    loss_fn: ``params -> Loss`` (or ``-> (Loss, aux)`` with ``has_aux``).
+    params: the parameter pytree.
+    tangents: a pytree like ``params`` with a leading axis of size K on every
+      floating leaf (leaves that are not floating may hold ``None``).
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+
+  Returns:
+    A :class:`Sketch` ``(value, gradient, gauss_newton)``, which unpacks like
+    a tuple; with ``has_aux``, the pair ``(sketch, aux)``.
+
+  Raises:
+    TypeError: if ``loss_fn`` does not return a :class:`~sofo_jax.losses.Loss`,
+      or if reverse-mode differentiation is attempted through the result.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, sofo_jax
+    >>> params = {"w": jnp.ones(3)}
+    >>> x, y = jnp.eye(3), jnp.zeros(3)
+    >>> loss_fn = lambda p: sofo_jax.losses.mse((x @ p["w"])[:, None], y[:, None])
+    >>> tangents = {"w": jnp.eye(3)}
+    >>> value, g, G = sofo_jax.sketch(loss_fn, params, tangents)
+    >>> G.shape
+    (3, 3)
+
+  References:
+    Yu, Xia, Ma, Lengyel, Hennequin, "Second-order forward-mode optimization
+    of recurrent neural networks for neuroscience", NeurIPS 2024.
+  """
+  part = tree_lib.partition(params)
+  result, aux = sketch_leaves(
+      loss_fn, part, tree_lib.trainable_tangents(part, tangents), has_aux
+  )
+  return (result, aux) if has_aux else result

@@ -1,0 +1,162 @@
+"""Random tangent directions in parameter space.
+
+A tangent set :math:`\\Theta = [v_1, \\dots, v_K]` is stored as a pytree like
+the parameters with a leading axis of size K on each trainable leaf (``None``
+on the others). Two distributions:
+
+- ``"normalized_gaussian"`` (default, as in Yu et al., 2024): each
+  :math:`v_k` is standard Gaussian, then scaled to unit L2 norm over the whole
+  pytree.
+- ``"orthonormal"``: Gaussian tangents whitened,
+  :math:`\\Theta \\leftarrow \\Theta (\\Theta^\\top\\Theta)^{-1/2}`, so
+  :math:`\\Theta^\\top\\Theta = I` when :math:`K \\le P`. For :math:`K > P` the
+  pseudo-inverse square root is used and the K tangents form a Parseval frame
+  (:math:`\\Theta\\Theta^\\top = I_P`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from sofo_jax._src import tree as tree_lib
+
+DISTRIBUTIONS = ("normalized_gaussian", "orthonormal")
+
+
+def check_num_tangents(num_tangents) -> int:
+  """Validates K eagerly: it fixes shapes, so it must be a Python int >= 1."""
+  if isinstance(num_tangents, bool) or not isinstance(num_tangents, int):
+    raise TypeError(
+        "num_tangents must be a Python int (it fixes array shapes); got "
+        f"{type(num_tangents).__name__}. With optax.inject_hyperparams, pass "
+        "static_args=('num_tangents', 'key')."
+    )
+  if num_tangents < 1:
+    raise ValueError(f"num_tangents must be >= 1; got {num_tangents}.")
+  return num_tangents
+
+
+def check_distribution(distribution: str) -> str:
+  if distribution not in DISTRIBUTIONS:
+    raise ValueError(
+        f"tangent_distribution must be one of {DISTRIBUTIONS}; got "
+        f"{distribution!r}."
+    )
+  return distribution
+
+
+def _compute_dtype(dtype) -> jnp.dtype:
+  # Sample and normalise in at least float32 so bf16 leaves get good tangents.
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _gram(leaves: list) -> Float[Array, "k k"]:
+  """:math:`\\Theta^\\top\\Theta` accumulated leaf by leaf (no flattening)."""
+  def leaf_gram(leaf):
+    flat = leaf.reshape(leaf.shape[0], -1).astype(_compute_dtype(leaf.dtype))
+    return flat @ flat.T
+  return functools.reduce(jnp.add, [leaf_gram(leaf) for leaf in leaves])
+
+
+def _inverse_sqrt_psd(matrix: Float[Array, "k k"]) -> Float[Array, "k k"]:
+  """Pseudo-inverse square root of a symmetric PSD matrix."""
+  eigenvalues, eigenvectors = jnp.linalg.eigh(matrix)
+  cutoff = eigenvalues[-1] * matrix.shape[0] * jnp.finfo(matrix.dtype).eps
+  keep = eigenvalues > cutoff
+  safe = jnp.where(keep, eigenvalues, 1.0)
+  scale = jnp.where(keep, 1.0 / jnp.sqrt(safe), 0.0)
+  return (eigenvectors * scale) @ eigenvectors.T
+
+
+def sample_leaves(
+    key: jax.Array,
+    trainable: list,
+    num_tangents: int,
+    distribution: str = "normalized_gaussian",
+) -> list:
+  """Draws K tangents for a list of trainable leaves.
+
+  Args:
+    key: a PRNG key.
+    trainable: the trainable parameter leaves.
+    num_tangents: K.
+    distribution: one of :data:`DISTRIBUTIONS`.
+
+  Returns:
+    A list of arrays, leaf ``i`` of shape ``(K, *trainable[i].shape)`` and
+    dtype ``trainable[i].dtype``.
+  """
+  # One draw for all leaves, then sliced: a single RNG call compiles much
+  # faster than one per leaf.
+  dtype = functools.reduce(
+      jnp.promote_types,
+      [_compute_dtype(jnp.result_type(leaf)) for leaf in trainable],
+  )
+  sizes = [int(jnp.size(leaf)) for leaf in trainable]
+  flat = jax.random.normal(key, (num_tangents, sum(sizes)), dtype)
+  offsets = [0]
+  for size in sizes:
+    offsets.append(offsets[-1] + size)
+  draws = [
+      flat[:, start:stop].reshape((num_tangents, *jnp.shape(leaf)))
+      for start, stop, leaf in zip(offsets[:-1], offsets[1:], trainable)
+  ]
+  if distribution == "normalized_gaussian":
+    squared = sum(jnp.sum(d.reshape(num_tangents, -1) ** 2, axis=1) for d in draws)
+    # A zero draw has probability 0; the guard only keeps the maths total.
+    inv_norm = jnp.where(squared > 0, jax.lax.rsqrt(jnp.where(squared > 0, squared, 1.0)), 0.0)
+    mixed = [d * inv_norm.reshape((-1,) + (1,) * (d.ndim - 1)) for d in draws]
+  else:
+    whitening = _inverse_sqrt_psd(_gram(draws))
+    mixed = [jnp.tensordot(whitening, d, axes=1) for d in draws]
+  return [
+      m.astype(jnp.result_type(leaf)) for m, leaf in zip(mixed, trainable)
+  ]
+
+
+def sample_tangents(
+    key: jax.Array,
+    params: Any,
+    num_tangents: int,
+    distribution: str = "normalized_gaussian",
+    mask: Any = None,
+) -> Any:
+  """Draws K random tangent directions shaped like ``params``.
+
+  Args:
+    key: a PRNG key (typed or raw).
+    params: the parameter pytree.
+    num_tangents: K, a Python int.
+    distribution: ``"normalized_gaussian"`` or ``"orthonormal"``.
+    mask: optional pytree of bools (or callable) selecting trainable leaves.
+
+  Returns:
+    A pytree like ``params``: each trainable leaf has a leading axis of size
+    K; other leaves are ``None``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, sofo_jax
+    >>> params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+    >>> tangents = sofo_jax.sample_tangents(jax.random.key(0), params, 4)
+    >>> tangents["w"].shape
+    (4, 3, 2)
+  """
+  check_num_tangents(num_tangents)
+  check_distribution(distribution)
+  part = tree_lib.partition(params, mask)
+  leaves = sample_leaves(key, part.trainable, num_tangents, distribution)
+  return part.fill(leaves, lambda leaf: None)
+
+
+def combine(coefficients: Float[Array, " k"], tangent_leaves: list) -> list:
+  """:math:`\\Theta w` leaf by leaf, in each leaf's dtype."""
+  return [
+      jnp.tensordot(coefficients.astype(_compute_dtype(t.dtype)),
+                    t.astype(_compute_dtype(t.dtype)), axes=1).astype(t.dtype)
+      for t in tangent_leaves
+  ]

@@ -1,0 +1,30 @@
+"""Eager checks shared by the optimizers: clear errors at trace time."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from sofo_jax._src import tree as tree_lib
+
+
+def check_loss_fn(loss_fn: Optional[Callable], owner: str, extra_args: dict) -> None:
+  if loss_fn is None:
+    others = f" (received extra arguments {sorted(extra_args)})" if extra_args else ""
+    raise ValueError(
+        f"{owner} needs the loss closure: call "
+        "opt.update(grads_or_None, state, params, loss_fn=loss_fn)" + others + "."
+    )
+  if not callable(loss_fn):
+    raise TypeError(f"{owner}: loss_fn must be callable; got {type(loss_fn).__name__}.")
+
+
+def check_params(params: Any, owner: str, mask: Any) -> tree_lib.Partition:
+  if params is None:
+    raise ValueError(f"{owner} needs the current params: opt.update(updates, state, params, ...).")
+  part = tree_lib.partition(params, mask)
+  if not part.trainable:
+    raise ValueError(
+        f"{owner} found no floating-point parameters to train (integer and "
+        "boolean leaves, and leaves outside the mask, are left unchanged)."
+    )
+  return part

@@ -1,0 +1,25 @@
+"""Curvature-aware losses for SOFO (see :mod:`sofo_jax._src.losses`).
+
+Reduction convention: the last axis holds features and is summed, every
+leading axis is a batch axis and is averaged; no factor 1/2 unless stated.
+"""
+
+from sofo_jax._src.losses import custom
+from sofo_jax._src.losses import gaussian_nll
+from sofo_jax._src.losses import Loss
+from sofo_jax._src.losses import mse
+from sofo_jax._src.losses import poisson
+from sofo_jax._src.losses import sigmoid_binary_cross_entropy
+from sofo_jax._src.losses import softmax_cross_entropy
+from sofo_jax._src.losses import zero
+
+__all__ = (
+    "Loss",
+    "custom",
+    "gaussian_nll",
+    "mse",
+    "poisson",
+    "sigmoid_binary_cross_entropy",
+    "softmax_cross_entropy",
+    "zero",
+)
