@@ -54,8 +54,9 @@ class Partition(NamedTuple):
     return jax.tree.unflatten(self.treedef, leaves)
 
 
-def _is_floating(leaf) -> bool:
-  if isinstance(leaf, optax.MaskedNode):
+def _reject_masked_nodes(params: Any) -> None:
+  is_masked = lambda node: isinstance(node, optax.MaskedNode)
+  if any(is_masked(leaf) for leaf in jax.tree.leaves(params, is_leaf=is_masked)):
     raise TypeError(
         "scale_by_sofo received parameters masked by optax.masked, which "
         "hides the frozen values that the loss closure needs. Pass "
@@ -63,6 +64,9 @@ def _is_floating(leaf) -> bool:
         "draws tangents only on the selected leaves and leaves the others "
         "unchanged."
     )
+
+
+def _is_floating(leaf) -> bool:
   if not eqx.is_array_like(leaf) or isinstance(leaf, bool):
     return False
   dtype = jnp.result_type(leaf)
@@ -101,6 +105,7 @@ def partition(params: Any, mask: Any = None) -> Partition:
   Returns:
     A :class:`Partition`.
   """
+  _reject_masked_nodes(params)
   leaves, treedef = jax.tree.flatten(params)
   flags = [_is_floating(leaf) for leaf in leaves]
   mask_tree = resolve_mask(mask, params)
