@@ -6,6 +6,7 @@ backpropagation, and memory constant in the sequence length of recurrent
 models (Yu et al., NeurIPS 2024).
 """
 
+from sofo_jax import checkpoint
 from sofo_jax import losses
 from sofo_jax._src.forward_gradient import ForwardGradientDiagnostics
 from sofo_jax._src.forward_gradient import forward_gradient
@@ -32,6 +33,7 @@ __all__ = (
     "Sketch",
     "SofoDiagnostics",
     "SubspaceStep",
+    "checkpoint",
     "forward_gradient",
     "get_diagnostics",
     "get_state",

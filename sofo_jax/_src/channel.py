@@ -33,15 +33,21 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from sofo_jax._src import spmd
+
 TANGENT_AXIS = "sofo_jax_tangents"
 
 
 def num_tangents_in_scope() -> Optional[int]:
   """Returns K when traced inside a SOFO sketch, else ``None``."""
   try:
-    return jax.lax.axis_size(TANGENT_AXIS)
+    size = jax.lax.axis_size(TANGENT_AXIS)
   except NameError:
     return None
+  mesh_axis = spmd.sharded_tangent_axis()
+  if mesh_axis is not None:  # tangent-parallel: this device holds one block
+    size *= jax.lax.axis_size(mesh_axis)
+  return size
 
 
 REVERSE_MODE_MESSAGE = (
@@ -102,6 +108,11 @@ def _value_with_channel_jvp(spec: CurvatureSpec, primals, tangents):
   # H (J v_i) for this lane, contracted with every lane's J v_j.
   curved = spec.hessian_vector_product(outputs, data, d_outputs)
   all_d_outputs = jax.lax.all_gather(d_outputs, TANGENT_AXIS)
+  mesh_axis = spmd.sharded_tangent_axis()
+  if mesh_axis is not None:
+    # Tangent-parallel: the other blocks' output tangents of this loss only,
+    # never stored across steps (see sofo_jax._src.spmd).
+    all_d_outputs = jax.lax.all_gather(all_d_outputs, mesh_axis, tiled=True)
   row: Float[Array, " k"] = jax.vmap(_inner, in_axes=(0, None))(
       all_d_outputs, curved
   )

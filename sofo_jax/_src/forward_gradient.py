@@ -121,7 +121,10 @@ def scale_by_forward_gradient(
     finite = jnp.isfinite(value) & jnp.all(jnp.isfinite(derivatives))
     scale = tree_lib.num_trainable(part) / num_tangents
     coefficients = jnp.where(finite, scale * derivatives, 0.0)
-    direction = tangents_lib.combine(coefficients, tangent_leaves)
+    direction, direction_is_finite = tangents_lib.zero_if_nonfinite(
+        tangents_lib.combine(coefficients, tangent_leaves)
+    )
+    finite = finite & direction_is_finite
     dtype = jnp.zeros(()).dtype
     diagnostics = ForwardGradientDiagnostics(
         loss=value.astype(dtype),

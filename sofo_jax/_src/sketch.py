@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +10,7 @@ from jaxtyping import Array, Float
 
 from sofo_jax._src import channel
 from sofo_jax._src import losses as losses_lib
+from sofo_jax._src import spmd
 from sofo_jax._src import tree as tree_lib
 
 
@@ -37,6 +38,13 @@ _PLAIN_RETURN_MESSAGE = (
 )
 
 
+def _describe(value: Any) -> str:
+  # Inside the step a returned array is a tracer: name what the user wrote.
+  if isinstance(value, (jax.Array, int, float)) or hasattr(value, "__array__"):
+    return f"a plain array of shape {jnp.shape(value)}"
+  return type(value).__name__
+
+
 def _as_loss(output: Any, has_aux: bool) -> tuple[losses_lib.Loss, Any]:
   if has_aux:
     if not (isinstance(output, tuple) and len(output) == 2):
@@ -52,7 +60,7 @@ def _as_loss(output: Any, has_aux: bool) -> tuple[losses_lib.Loss, Any]:
     if isinstance(output, tuple) and not has_aux:
       hint = " If it returns (loss, aux), pass has_aux=True."
     raise TypeError(
-        _PLAIN_RETURN_MESSAGE.format(kind=type(loss).__name__, hint=hint)
+        _PLAIN_RETURN_MESSAGE.format(kind=_describe(loss), hint=hint)
     )
   if loss.value.shape != ():
     raise ValueError(f"The loss value must be a scalar; got {loss.value.shape}.")
@@ -64,8 +72,15 @@ def sketch_leaves(
     part: tree_lib.Partition,
     tangent_leaves: list,
     has_aux: bool = False,
+    *,
+    data_axis_name: Optional[spmd.AxisName] = None,
+    tangent_axis_name: Optional[str] = None,
 ) -> tuple[Sketch, Any]:
-  """:func:`sketch` on an already partitioned parameter pytree; also returns aux."""
+  """:func:`sketch` on an already partitioned parameter pytree; also returns aux.
+
+  ``tangent_leaves`` always holds all K tangents; with ``tangent_axis_name``
+  this device sketches only its block of them (see :mod:`sofo_jax._src.spmd`).
+  """
   sizes = {int(t.shape[0]) for t in tangent_leaves}
   if len(sizes) != 1:
     raise ValueError(
@@ -97,9 +112,18 @@ def sketch_leaves(
     )
     return primal[0], derivative, aux
 
-  value, (gradient, rows), aux = jax.vmap(
+  spmd.check_bound(data_axis_name, tangent_axis_name)
+  batched = jax.vmap(
       one_tangent, out_axes=(None, 0, None), axis_name=channel.TANGENT_AXIS
-  )(list(tangent_leaves))
+  )
+  if tangent_axis_name is None:
+    value, (gradient, rows), aux = batched(list(tangent_leaves))
+  else:
+    block = spmd.local_block(tangent_leaves, num_tangents, tangent_axis_name)
+    value, (gradient, rows), aux = spmd.mark_sharded(batched, tangent_axis_name)(block)
+  value, gradient, rows = spmd.combine_shards(
+      value, gradient, rows, data_axis_name, tangent_axis_name
+  )
   gauss_newton = 0.5 * (rows + rows.T)
   return Sketch(value, gradient, gauss_newton), aux
 
@@ -110,6 +134,8 @@ def sketch(
     tangents: Any,
     *,
     has_aux: bool = False,
+    data_axis_name: Optional[spmd.AxisName] = None,
+    tangent_axis_name: Optional[str] = None,
 ) -> Union[Sketch, tuple[Sketch, Any]]:
   """Sketched gradient and Gauss–Newton matrix, by forward mode only.
 
@@ -131,6 +157,15 @@ def sketch(
     tangents: a pytree like ``params`` with a leading axis of size K on every
       floating leaf (leaves that are not floating may hold ``None``).
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    data_axis_name: inside ``jax.shard_map``, the mesh axis (or tuple of axes)
+      over which the batch is split: each device sketches its shard (the
+      closure returns the mean loss of its shard, shards of equal size) and
+      the results are averaged over this axis, an all-reduce of
+      :math:`1 + K + K^2` numbers. ``aux`` stays per device.
+    tangent_axis_name: inside ``jax.shard_map``, the mesh axis over which the
+      K tangents are split (K must be a multiple of its size). Every device
+      passes the same, full ``tangents`` and gets the same, full sketch; it
+      runs the forward-mode pass for its block of K/D tangents only.
 
   Returns:
     A :class:`Sketch` ``(value, gradient, gauss_newton)``, which unpacks like
@@ -154,8 +189,10 @@ def sketch(
     Yu, Xia, Ma, Lengyel, Hennequin, "Second-order forward-mode optimization
     of recurrent neural networks for neuroscience", NeurIPS 2024.
   """
+  spmd.check_axis_names(data_axis_name, tangent_axis_name)
   part = tree_lib.partition(params)
   result, aux = sketch_leaves(
-      loss_fn, part, tree_lib.trainable_tangents(part, tangents), has_aux
+      loss_fn, part, tree_lib.trainable_tangents(part, tangents), has_aux,
+      data_axis_name=data_axis_name, tangent_axis_name=tangent_axis_name,
   )
   return (result, aux) if has_aux else result

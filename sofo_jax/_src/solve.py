@@ -46,10 +46,15 @@ def solve_damped(
       \\text{relative (default, as in Yu et al., 2024)} \\\\ \\lambda &
       \\text{absolute.} \\end{cases}
 
-  Directions with :math:`s + \\lambda_{\\text{eff}} = 0` (a zero sketch with no
-  damping) get a zero coefficient (pseudo-inverse). A non-finite input gives
-  ``w = 0`` and ``finite = False``: nothing non-finite reaches ``eigh``.
-  The solve runs in at least float32.
+  Eigenvalues at round-off level, :math:`s \\le K\\varepsilon\\, s_{\\max}`, are
+  treated as exactly zero, and directions whose damped eigenvalue
+  :math:`s + \\lambda_{\\text{eff}}` is still at round-off level get a zero
+  coefficient (a truncated pseudo-inverse, as ``numpy.linalg.pinv``): with no
+  damping, a rank-deficient sketch (K > P, or parameters the outputs do not
+  depend on) does not amplify round-off into a large step. A non-finite
+  input gives ``w = 0`` and ``finite = False``: nothing non-finite reaches
+  ``eigh``; so does a damping that is negative or not finite. The solve runs
+  in at least float32.
 
   Args:
     gradient: :math:`\\tilde g`, shape ``(K,)``.
@@ -72,6 +77,8 @@ def solve_damped(
   gauss_newton = gauss_newton.astype(dtype)
   damping = jnp.asarray(damping, dtype)
   finite = jnp.all(jnp.isfinite(gradient)) & jnp.all(jnp.isfinite(gauss_newton))
+  # A traced damping cannot be checked eagerly; a bad one skips the step.
+  finite = finite & jnp.isfinite(damping) & (damping >= 0)
   gradient = jnp.where(finite, gradient, 0.0)
   gauss_newton = jnp.where(finite, gauss_newton, 0.0)
 
@@ -79,9 +86,13 @@ def solve_damped(
   # Round-off can make a PSD matrix's smallest eigenvalues slightly negative.
   eigenvalues = jnp.maximum(eigenvalues, 0.0)
   max_eigenvalue = eigenvalues[-1]
+  # Below this, an eigenvalue (and the gradient along its eigenvector) is
+  # round-off: dividing by it would turn noise into a step.
+  cutoff = max_eigenvalue * gradient.shape[0] * jnp.finfo(dtype).eps
+  eigenvalues = jnp.where(eigenvalues > cutoff, eigenvalues, 0.0)
   effective_damping = damping * max_eigenvalue if relative_damping else damping
   denominator = eigenvalues + effective_damping
-  positive = denominator > 0
+  positive = denominator > cutoff
   inverse = jnp.where(positive, 1.0 / jnp.where(positive, denominator, 1.0), 0.0)
   coefficients = eigenvectors @ (inverse * (eigenvectors.T @ gradient))
   # Guards against overflow in the solve itself (e.g. a huge gradient).

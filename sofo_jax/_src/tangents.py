@@ -21,7 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Bool, Float
 
 from sofo_jax._src import tree as tree_lib
 
@@ -151,6 +151,18 @@ def sample_tangents(
   part = tree_lib.partition(params, mask)
   leaves = sample_leaves(key, part.trainable, num_tangents, distribution)
   return part.fill(leaves, lambda leaf: None)
+
+
+def zero_if_nonfinite(leaves: list) -> tuple[list, Bool[Array, ""]]:
+  """Zeros every leaf unless all are finite; also returns whether they were.
+
+  The last guard before a step leaves the optimizer: a finite solve can still
+  overflow when cast to a narrow leaf dtype (float16).
+  """
+  finite = jnp.array(True)
+  for leaf in leaves:
+    finite = finite & jnp.all(jnp.isfinite(leaf))
+  return [jnp.where(finite, leaf, jnp.zeros((), leaf.dtype)) for leaf in leaves], finite
 
 
 def combine(coefficients: Float[Array, " k"], tangent_leaves: list) -> list:

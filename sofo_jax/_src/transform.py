@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +12,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int
 from sofo_jax._src import keys as keys_lib
 from sofo_jax._src import sketch as sketch_lib
 from sofo_jax._src import solve as solve_lib
+from sofo_jax._src import spmd
 from sofo_jax._src import tangents as tangents_lib
 from sofo_jax._src import tree as tree_lib
 from sofo_jax._src import validation
@@ -93,6 +94,8 @@ def scale_by_sofo(
     has_aux: bool = False,
     aux_example: Any = None,
     mask: Any = None,
+    data_axis_name: Optional[spmd.AxisName] = None,
+    tangent_axis_name: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Second-order forward-mode optimisation (SOFO) direction.
 
@@ -118,9 +121,9 @@ def scale_by_sofo(
   gradients alike): SOFO computes its own direction, so place it first in a
   chain. Unknown extra arguments (passed through ``optax.chain``) are ignored.
 
-  Non-finite values never reach the parameters: if the loss or the sketch is
-  not finite the direction is zero and ``state.diagnostics.step_is_finite`` is
-  False.
+  Non-finite values never reach the parameters: if the loss, the sketch or
+  the direction (e.g. overflowing a float16 leaf) is not finite the direction
+  is zero and ``state.diagnostics.step_is_finite`` is False.
 
   Args:
     num_tangents: K, a Python int >= 1. It fixes shapes: with
@@ -144,6 +147,21 @@ def scale_by_sofo(
       one: tangents are drawn only on ``True`` leaves, the others get a zero
       update. (``optax.masked`` cannot be used around SOFO, because it hides
       the frozen values the closure needs.)
+    data_axis_name: data parallelism. When the update runs inside
+      ``jax.shard_map(..., check_vma=False)`` with the batch split over this
+      mesh axis (or tuple of axes), each device sketches its shard with the
+      same tangents and the sketches are averaged: an all-reduce of
+      :math:`1 + K + K^2` numbers per step, independent of the model size.
+      The closure must return the mean loss of its own (equal-sized) shard.
+      ``None`` (default): single device, or plain ``jax.jit`` with sharded
+      inputs (then XLA inserts the reduction itself).
+    tangent_axis_name: tangent parallelism. Inside ``jax.shard_map(...,
+      check_vma=False)``, split the K tangents over this mesh axis (K must be
+      a multiple of its size): each device runs the forward-mode pass for
+      K/D tangents, all-gathering only the output tangents of each loss it
+      evaluates; every device regenerates all K tangents from the shared key,
+      so no parameter-sized array is communicated. See
+      ``docs/distributed.md`` for the communication volumes.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` with state
@@ -174,8 +192,10 @@ def scale_by_sofo(
   key_data, codec = keys_lib.check_key(key, "scale_by_sofo")
   if isinstance(relative_damping, jax.Array) or not isinstance(relative_damping, bool):
     raise TypeError("relative_damping must be a Python bool.")
+  validation.check_damping(damping, "scale_by_sofo")
   if aux_example is not None and not has_aux:
     raise ValueError("aux_example is only meaningful with has_aux=True.")
+  spmd.check_axis_names(data_axis_name, tangent_axis_name)
   owner = "scale_by_sofo"
 
   def init_fn(params):
@@ -197,7 +217,8 @@ def scale_by_sofo(
         step_key, part.trainable, num_tangents, tangent_distribution
     )
     sketch, aux = sketch_lib.sketch_leaves(
-        loss_fn, part, tangent_leaves, has_aux
+        loss_fn, part, tangent_leaves, has_aux,
+        data_axis_name=data_axis_name, tangent_axis_name=tangent_axis_name,
     )
     value_is_finite = jnp.isfinite(sketch.value)
     # A non-finite loss makes the whole sketch meaningless: skip the step.
@@ -205,7 +226,10 @@ def scale_by_sofo(
     step = solve_lib.solve_damped(
         gradient, sketch.gauss_newton, damping, relative_damping
     )
-    direction = tangents_lib.combine(step.coefficients, tangent_leaves)
+    direction, direction_is_finite = tangents_lib.zero_if_nonfinite(
+        tangents_lib.combine(step.coefficients, tangent_leaves)
+    )
+    step_is_finite = step.finite & direction_is_finite
     new_updates = part.fill(direction, tree_lib.zero_update)
     dtype = _float_dtype()
     diagnostics = SofoDiagnostics(
@@ -215,9 +239,9 @@ def scale_by_sofo(
         predicted_decrease=step.predicted_decrease.astype(dtype),
         gradient_norm=jnp.linalg.norm(sketch.gradient).astype(dtype),
         eigenvalues=step.eigenvalues.astype(dtype),
-        step_is_finite=step.finite,
+        step_is_finite=step_is_finite,
         num_nonfinite_steps=state.diagnostics.num_nonfinite_steps
-        + jnp.where(step.finite, 0, 1).astype(jnp.int32),
+        + jnp.where(step_is_finite, 0, 1).astype(jnp.int32),
     )
     new_state = ScaleBySofoState(
         count=optax.safe_increment(state.count),
@@ -241,6 +265,8 @@ def sofo(
     has_aux: bool = False,
     aux_example: Any = None,
     mask: Any = None,
+    data_axis_name: Optional[spmd.AxisName] = None,
+    tangent_axis_name: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """SOFO with a learning rate: ``chain(scale_by_sofo(...), scale_by_learning_rate(lr))``.
 
@@ -272,6 +298,8 @@ def sofo(
           has_aux=has_aux,
           aux_example=aux_example,
           mask=mask,
+          data_axis_name=data_axis_name,
+          tangent_axis_name=tangent_axis_name,
       ),
       optax.scale_by_learning_rate(learning_rate),
   )

@@ -4,7 +4,29 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+import jax
+import numpy as np
+
 from sofo_jax._src import tree as tree_lib
+
+
+def check_damping(damping: Any, owner: str) -> None:
+  """Rejects a concrete damping that is not a finite scalar >= 0.
+
+  A traced damping (``optax.inject_hyperparams``) cannot be checked here; the
+  solve then skips the step instead (``step_is_finite`` is False).
+  """
+  try:
+    value = np.asarray(damping)
+  except jax.errors.TracerArrayConversionError:
+    return
+  if value.shape != () or not np.issubdtype(value.dtype, np.number):
+    raise TypeError(
+        f"{owner}: damping must be a real scalar; got {type(damping).__name__} "
+        f"of shape {value.shape} and dtype {value.dtype}."
+    )
+  if not (np.isfinite(value) and value >= 0):
+    raise ValueError(f"{owner}: damping must be finite and >= 0; got {value}.")
 
 
 def check_loss_fn(loss_fn: Optional[Callable], owner: str, extra_args: dict) -> None:

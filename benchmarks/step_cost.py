@@ -1,0 +1,125 @@
+"""Cost of one SOFO step against its irreducible part and against Adam + BPTT.
+
+For a vanilla RNN (N = 128, B = 64, T = 100 by default) and K in {16, 64, 128},
+times, side by side in one run:
+
+- ``jvp``: the bare ``vmap`` of ``jax.jvp`` of the loss over K given tangents
+  (the irreducible cost of any K-tangent forward-mode method);
+- ``sofo``: a full SOFO training step (tangent sampling, sketch with
+  Gauss–Newton assembly, K×K solve, parameter update), jitted as one program;
+- ``adam_bptt``: an Adam step with a backpropagated gradient.
+
+Writes ``benchmarks/results/step_cost.json`` and prints a table. The target is
+``sofo / jvp <= 1.15``.
+
+Usage: ``python benchmarks/step_cost.py [--quick] [--repeats R]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import optax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness  # pylint: disable=g-import-not-at-top
+
+import sofo_jax  # pylint: disable=g-import-not-at-top
+from sofo_jax import losses  # pylint: disable=g-import-not-at-top
+
+
+def make_problem(n_hidden, batch, horizon, n_in=3, n_out=3, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 6)
+  params = {
+      "w_rec": 0.9 * jax.random.normal(keys[0], (n_hidden, n_hidden)) / jnp.sqrt(n_hidden),
+      "w_in": jax.random.normal(keys[1], (n_in, n_hidden)) / jnp.sqrt(n_in),
+      "w_out": jax.random.normal(keys[2], (n_hidden, n_out)) / jnp.sqrt(n_hidden),
+      "b": jnp.zeros(n_hidden),
+  }
+  xs = jax.random.normal(keys[3], (horizon, batch, n_in))
+  ys = jax.random.normal(keys[4], (horizon, batch, n_out))
+
+  def loss_fn(p):
+    def step(carry, inputs):
+      h, total = carry
+      x_t, y_t = inputs
+      h = 0.8 * h + 0.2 * jnp.tanh(h @ p["w_rec"] + x_t @ p["w_in"] + p["b"])
+      return (h, total + losses.mse(h @ p["w_out"], y_t)), None
+
+    h0 = jnp.zeros((batch, n_hidden))
+    (_, total), _ = jax.lax.scan(step, (h0, losses.zero()), (xs, ys))
+    return total / horizon
+
+  return params, loss_fn
+
+
+def bench(n_hidden, batch, horizon, tangent_counts, repeats):
+  params, loss_fn = make_problem(n_hidden, batch, horizon)
+  rows = []
+  adam = optax.adam(1e-3)
+  adam_state = adam.init(params)
+
+  @jax.jit
+  def adam_step(p, s):
+    grads = jax.grad(lambda q: loss_fn(q).value)(p)
+    updates, s = adam.update(grads, s, p)
+    return optax.apply_updates(p, updates), s
+
+  adam_time = _harness.time_call(lambda: adam_step(params, adam_state), repeats)
+  for k in tangent_counts:
+    tangents = sofo_jax.sample_tangents(jax.random.key(1), params, k)
+
+    @jax.jit
+    def bare_jvp(p, t):
+      value_fn = lambda q: loss_fn(q).value
+      return jax.vmap(lambda v: jax.jvp(value_fn, (p,), (v,)))(t)
+
+    opt = sofo_jax.sofo(1.0, k, 1e-4, key=jax.random.key(2))
+    state = opt.init(params)
+
+    @jax.jit
+    def sofo_step(p, s):
+      updates, s = opt.update(None, s, p, loss_fn=loss_fn)
+      return optax.apply_updates(p, updates), s
+
+    jvp_time = _harness.time_call(lambda: bare_jvp(params, tangents), repeats)
+    sofo_time = _harness.time_call(lambda: sofo_step(params, state), repeats)
+    rows.append({
+        "K": k,
+        "jvp_ms": 1e3 * jvp_time["median_s"],
+        "sofo_ms": 1e3 * sofo_time["median_s"],
+        "adam_bptt_ms": 1e3 * adam_time["median_s"],
+        "sofo_over_jvp": sofo_time["median_s"] / jvp_time["median_s"],
+        "sofo_over_adam": sofo_time["median_s"] / adam_time["median_s"],
+        "timings": {"jvp": jvp_time, "sofo": sofo_time, "adam_bptt": adam_time},
+    })
+    print(f"K={k}: jvp {rows[-1]['jvp_ms']:.2f} ms, sofo {rows[-1]['sofo_ms']:.2f} ms "
+          f"({rows[-1]['sofo_over_jvp']:.3f}x jvp), adam+bptt {rows[-1]['adam_bptt_ms']:.2f} ms",
+          flush=True)
+  return rows
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--quick", action="store_true", help="tiny sizes, for CI")
+  parser.add_argument("--repeats", type=int, default=None)
+  parser.add_argument("--output", default="step_cost.json")
+  args = parser.parse_args(argv)
+  quick = _harness.quick_mode(args.quick)
+  if quick:
+    config = dict(n_hidden=16, batch=8, horizon=20, tangent_counts=(4, 8))
+  else:
+    config = dict(n_hidden=128, batch=64, horizon=100, tangent_counts=(16, 64, 128))
+  repeats = args.repeats or (3 if quick else 20)
+  rows = bench(**config, repeats=repeats)
+  path = _harness.write_json(args.output, {"config": {**config, "repeats": repeats, "quick": quick}, "rows": rows})
+  print(_harness.markdown_table(rows, ["K", "jvp_ms", "sofo_ms", "adam_bptt_ms", "sofo_over_jvp", "sofo_over_adam"]))
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,242 @@
+"""Training loops that drive any :mod:`sofo_jax.tasks` task with any method.
+
+One harness for the demo, the benchmarks and the notebooks, so that SOFO,
+Adam, forward-gradient descent and SGD are always compared the same way:
+same initial parameters, same batches (drawn from the same key stream), the
+loss recorded on each training batch before its update, and wall-clock time
+measured on compiled code only (compilation is done before the clock starts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sofo_jax._src import forward_gradient as forward_gradient_lib
+from sofo_jax._src import state_utils
+from sofo_jax._src import transform
+
+METHODS = ("sofo", "adam", "fgd", "sgd")
+
+
+@dataclasses.dataclass
+class History:
+  """What a training run recorded.
+
+  Attributes:
+    method: the method's name.
+    losses: training-batch loss before each update, shape ``(num_steps,)``.
+    seconds: wall-clock seconds elapsed after each step (compilation
+      excluded), shape ``(num_steps,)``.
+    params: the final parameters.
+    settings: the hyperparameters used.
+    num_nonfinite_steps: steps skipped for non-finite values (forward-mode
+      methods; 0 for the others).
+  """
+
+  method: str
+  losses: np.ndarray
+  seconds: np.ndarray
+  params: Any
+  settings: dict
+  num_nonfinite_steps: int = 0
+
+
+def make_optimizer(
+    method: str,
+    *,
+    learning_rate: float,
+    key: Optional[jax.Array] = None,
+    num_tangents: Optional[int] = None,
+    damping: float = 1e-4,
+) -> optax.GradientTransformationExtraArgs:
+  """The optimizer behind a method name.
+
+  Args:
+    method: ``"sofo"``, ``"adam"``, ``"fgd"`` (forward-gradient descent) or
+      ``"sgd"``.
+    learning_rate: the step size.
+    key: PRNG key for the forward-mode methods.
+    num_tangents: K for the forward-mode methods.
+    damping: SOFO's relative damping.
+
+  Returns:
+    An optax transformation.
+
+  Example:
+    >>> import jax
+    >>> opt = make_optimizer("sofo", learning_rate=1.0, key=jax.random.key(0),
+    ...                      num_tangents=8)
+  """
+  if method == "sofo":
+    return transform.sofo(learning_rate, num_tangents, damping, key=key)
+  if method == "fgd":
+    return forward_gradient_lib.forward_gradient(learning_rate, num_tangents, key=key)
+  if method == "adam":
+    return optax.with_extra_args_support(optax.adam(learning_rate))
+  if method == "sgd":
+    return optax.with_extra_args_support(optax.sgd(learning_rate))
+  raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
+
+
+def _uses_forward_mode(method: str) -> bool:
+  return method in ("sofo", "fgd")
+
+
+def make_train_step(task, method: str, optimizer) -> Callable:
+  """``(params, state, batch_key) -> ((params, state), loss)`` for one step."""
+  def step(carry, batch_key):
+    params, state = carry
+    batch = task.sample_batch(batch_key)
+    closure = lambda p: task.loss_fn(p, batch)
+    if _uses_forward_mode(method):
+      updates, state = optimizer.update(None, state, params, loss_fn=closure)
+      loss = state_utils.get_diagnostics(state).loss
+    else:
+      loss, grads = jax.value_and_grad(lambda p: closure(p).value)(params)
+      updates, state = optimizer.update(grads, state, params)
+    return (optax.apply_updates(params, updates), state), loss
+  return step
+
+
+def fit(
+    task,
+    method: str = "sofo",
+    num_steps: int = 100,
+    *,
+    key: jax.Array,
+    learning_rate: Optional[float] = None,
+    num_tangents: Optional[int] = None,
+    damping: Optional[float] = None,
+    chunk_size: Optional[int] = None,
+    progress: bool = True,
+    params: Any = None,
+) -> History:
+  """Trains ``task`` with ``method`` for ``num_steps`` steps.
+
+  Steps run in jitted ``lax.scan`` chunks; a tqdm progress bar (if tqdm is
+  installed and ``progress``) advances per chunk. Unspecified settings come
+  from ``task.config`` (``learning_rate``/``adam_learning_rate``,
+  ``num_tangents``, ``damping``).
+
+  Args:
+    task: a :class:`sofo_jax.tasks.Task`.
+    method: one of :data:`METHODS`.
+    num_steps: number of updates.
+    key: PRNG key; it is split into (initialisation, batches, tangents), so
+      every method sees the same initial parameters and batches.
+    learning_rate: overrides the config's.
+    num_tangents: overrides the config's K.
+    damping: overrides the config's damping.
+    chunk_size: steps per compiled chunk (default: about 20 chunks).
+    progress: show a progress bar.
+    params: start from these parameters instead of a fresh initialisation.
+
+  Returns:
+    A :class:`History`.
+
+  Example:
+    >>> import jax
+    >>> from sofo_jax import training
+    >>> from sofo_jax.tasks import flip_flop
+    >>> task = flip_flop.make(flip_flop.Config.quick())
+    >>> history = training.fit(task, "sofo", 4, key=jax.random.key(0),
+    ...                        progress=False)
+    >>> history.losses.shape
+    (4,)
+  """
+  config = task.config
+  if learning_rate is None:
+    learning_rate = config.learning_rate if _uses_forward_mode(method) else config.adam_learning_rate
+  if num_tangents is None:
+    num_tangents = config.num_tangents
+  if damping is None:
+    damping = config.damping
+  init_key, data_key, tangent_key = jax.random.split(key, 3)
+  optimizer = make_optimizer(
+      method, learning_rate=learning_rate, key=tangent_key,
+      num_tangents=num_tangents, damping=damping,
+  )
+  if params is None:
+    params = task.init_params(init_key)
+  state = optimizer.init(params)
+  step = make_train_step(task, method, optimizer)
+  chunk_size = chunk_size or max(1, -(-num_steps // 20))
+  run_chunk = jax.jit(lambda carry, keys: jax.lax.scan(step, carry, keys))
+  batch_keys = jax.random.split(data_key, num_steps)
+
+  # Compile every chunk shape before the clock (and the progress bar) start.
+  carry = (params, state)
+  starts = range(0, num_steps, chunk_size)
+  compiled = {}
+  for start in starts:
+    keys = batch_keys[start:start + chunk_size]
+    if keys.shape[0] not in compiled:
+      compiled[keys.shape[0]] = run_chunk.lower(carry, keys).compile()
+  losses, seconds, elapsed = [], [], 0.0
+  bar = _progress_bar(num_steps, f"{task.name}/{method}", progress)
+  for start in starts:
+    keys = batch_keys[start:start + chunk_size]
+    size = keys.shape[0]
+    begin = time.perf_counter()
+    carry, chunk_losses = compiled[size](carry, keys)
+    jax.block_until_ready(carry)
+    spent = time.perf_counter() - begin
+    losses.append(np.asarray(chunk_losses))
+    seconds.append(elapsed + spent * np.arange(1, size + 1) / size)
+    elapsed += spent
+    if bar is not None:
+      bar.update(size)
+      bar.set_postfix(loss=f"{float(chunk_losses[-1]):.4g}")
+  if bar is not None:
+    bar.close()
+  params, state = carry
+  nonfinite = 0
+  if _uses_forward_mode(method):
+    nonfinite = int(state_utils.get_diagnostics(state).num_nonfinite_steps)
+  return History(
+      method=method,
+      losses=np.concatenate(losses),
+      seconds=np.concatenate(seconds),
+      params=params,
+      settings={"learning_rate": learning_rate, "num_tangents": num_tangents if _uses_forward_mode(method) else None,
+                "damping": damping if method == "sofo" else None, "num_steps": num_steps},
+      num_nonfinite_steps=nonfinite,
+  )
+
+
+def _progress_bar(total: int, description: str, enabled: bool):
+  if not enabled:
+    return None
+  try:
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return tqdm(total=total, desc=description, leave=False)
+
+
+def evaluate(task, params: Any, *, key: jax.Array, num_batches: int = 1) -> dict:
+  """Mean of ``task.metrics`` (and the loss) over fresh batches.
+
+  Example:
+    >>> import jax
+    >>> from sofo_jax import training
+    >>> from sofo_jax.tasks import flip_flop
+    >>> task = flip_flop.make(flip_flop.Config.quick())
+    >>> params = task.init_params(jax.random.key(0))
+    >>> "loss" in training.evaluate(task, params, key=jax.random.key(1))
+    True
+  """
+  @jax.jit
+  def one(k):
+    batch = task.sample_batch(k)
+    return {"loss": task.loss_fn(params, batch).value, **task.metrics(params, batch)}
+
+  results = [one(k) for k in jax.random.split(key, num_batches)]
+  return {name: float(jnp.mean(jnp.stack([r[name] for r in results]))) for name in results[0]}
