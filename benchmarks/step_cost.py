@@ -107,7 +107,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true", help="tiny sizes, for CI")
   parser.add_argument("--repeats", type=int, default=None)
-  parser.add_argument("--output", default="step_cost.json")
+  parser.add_argument("--output", default=None, help="file name under benchmarks/results/")
   args = parser.parse_args(argv)
   quick = _harness.quick_mode(args.quick)
   if quick:
@@ -116,7 +116,8 @@ def main(argv=None):
     config = dict(n_hidden=128, batch=64, horizon=100, tangent_counts=(16, 64, 128))
   repeats = args.repeats or (3 if quick else 20)
   rows = bench(**config, repeats=repeats)
-  path = _harness.write_json(args.output, {"config": {**config, "repeats": repeats, "quick": quick}, "rows": rows})
+  output = args.output or ("step_cost_quick.json" if quick else "step_cost.json")
+  path = _harness.write_json(output, {"config": {**config, "repeats": repeats, "quick": quick}, "rows": rows})
   print(_harness.markdown_table(rows, ["K", "jvp_ms", "sofo_ms", "adam_bptt_ms", "sofo_over_jvp", "sofo_over_adam"]))
   print(f"wrote {path}")
 

@@ -51,7 +51,7 @@ class History:
 def make_optimizer(
     method: str,
     *,
-    learning_rate: float,
+    learning_rate: optax.ScalarOrSchedule,
     key: Optional[jax.Array] = None,
     num_tangents: Optional[int] = None,
     damping: float = 1e-4,
@@ -61,7 +61,7 @@ def make_optimizer(
   Args:
     method: ``"sofo"``, ``"adam"``, ``"fgd"`` (forward-gradient descent) or
       ``"sgd"``.
-    learning_rate: the step size.
+    learning_rate: the step size, a float or an optax schedule.
     key: PRNG key for the forward-mode methods.
     num_tangents: K for the forward-mode methods.
     damping: SOFO's relative damping.
@@ -111,7 +111,7 @@ def fit(
     num_steps: int = 100,
     *,
     key: jax.Array,
-    learning_rate: Optional[float] = None,
+    learning_rate: Optional[optax.ScalarOrSchedule] = None,
     num_tangents: Optional[int] = None,
     damping: Optional[float] = None,
     chunk_size: Optional[int] = None,
@@ -131,7 +131,8 @@ def fit(
     num_steps: number of updates.
     key: PRNG key; it is split into (initialisation, batches, tangents), so
       every method sees the same initial parameters and batches.
-    learning_rate: overrides the config's.
+    learning_rate: overrides the config's; a float or an optax schedule
+      (e.g. a warm-up, ``optax.linear_schedule``).
     num_tangents: overrides the config's K.
     damping: overrides the config's damping.
     chunk_size: steps per compiled chunk (default: about 20 chunks).

@@ -348,3 +348,16 @@ def test_forward_gradient_accepts_loss_objects_and_plain_scalars():
   u_obj, _ = opt.update(None, state, params, loss_fn=loss_fn)
   u_plain, _ = opt.update(None, state, params, loss_fn=lambda p: loss_fn(p).value)
   np.testing.assert_allclose(ravel_pytree(u_obj)[0], ravel_pytree(u_plain)[0], rtol=1e-6)
+
+
+def test_sketch_accepts_sampled_tangents_for_partitioned_equinox_modules():
+  model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+  params, static = eqx.partition(model, eqx.is_array)
+  x = jnp.ones((3, 2))
+  loss_fn = lambda p: losses.mse(jax.vmap(eqx.combine(p, static))(x), jnp.zeros((3, 1)))
+  tangents = sofo_jax.sample_tangents(jax.random.key(1), params, 3)
+  value, g, G = sofo_jax.sketch(loss_fn, params, tangents)
+  assert g.shape == (3,) and G.shape == (3, 3)
+  np.testing.assert_allclose(value, loss_fn(params).value, rtol=1e-6)
+  with pytest.raises(ValueError, match="structure of the parameters"):
+    sofo_jax.sketch(loss_fn, params, {"not": "params"})

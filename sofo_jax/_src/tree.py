@@ -127,13 +127,17 @@ def trainable_tangents(part: Partition, tangents: Any) -> list:
   ``tangents`` has the structure of the parameters; leaves that are not
   trainable may be ``None`` (or anything: they are ignored).
   """
-  tangent_leaves, tangent_def = jax.tree.flatten(tangents, is_leaf=_is_none)
-  if tangent_def != part.treedef:
+  # Flatten up to the parameters' structure: a None standing for a leaf that
+  # is not trained, and a None that is an empty node of the parameters (as
+  # eqx.partition leaves), are then told apart.
+  try:
+    tangent_leaves = part.treedef.flatten_up_to(tangents)
+  except (ValueError, TypeError):
     raise ValueError(
         "tangents must have the structure of the parameters (with a leading "
-        f"axis of size K on each leaf); got {tangent_def}, expected "
-        f"{part.treedef}."
-    )
+        f"axis of size K on each leaf); got {jax.tree.structure(tangents)}, "
+        f"expected {part.treedef}."
+    ) from None
   return [t for flag, t in zip(part.trainable_flags, tangent_leaves) if flag]
 
 
