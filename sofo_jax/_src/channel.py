@@ -87,10 +87,17 @@ class CurvatureSpec(Protocol):
     ...
 
 
-def _inner(a, b) -> Array:
-  """Sum of elementwise products over two matching pytrees."""
-  products = jax.tree.map(lambda x, y: jnp.sum(x * y), a, b)
-  return functools.reduce(jnp.add, jax.tree.leaves(products))
+def _contract_with_all(gathered, own) -> Float[Array, " k"]:
+  """``[<gathered_j, own>]_j`` summed over the leaves of two matching pytrees.
+
+  Written as a matrix-vector product per leaf so that, batched over the K
+  lanes by ``vmap``, it becomes one (K × n) @ (n × K) matrix product instead
+  of a K × K × n elementwise temporary.
+  """
+  def leaf(g, o):
+    return g.reshape(g.shape[0], -1) @ o.reshape(-1)
+  rows = jax.tree.map(leaf, gathered, own)
+  return functools.reduce(jnp.add, jax.tree.leaves(rows))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -113,9 +120,7 @@ def _value_with_channel_jvp(spec: CurvatureSpec, primals, tangents):
     # Tangent-parallel: the other blocks' output tangents of this loss only,
     # never stored across steps (see sofo_jax._src.spmd).
     all_d_outputs = jax.lax.all_gather(all_d_outputs, mesh_axis, tiled=True)
-  row: Float[Array, " k"] = jax.vmap(_inner, in_axes=(0, None))(
-      all_d_outputs, curved
-  )
+  row = _contract_with_all(all_d_outputs, curved)
   channel = jnp.zeros((num_tangents_in_scope(),), value.dtype)
   return (value, channel), (d_value, forward_only(row.astype(value.dtype)))
 
