@@ -10,16 +10,18 @@ initial parameters and batches for a given seed, exactly as in
    steps from one tuning seed (not used afterwards), all grid points in one
    ``vmap``-ed program. The score is the mean training loss over the last
    quarter of the run (non-finite: infinite); the lowest score wins.
-2. Seeds: the chosen setting is trained for ``steps`` steps from each
-   evaluation seed, again in one ``vmap``-ed program. These curves give the
-   equal-iteration numbers and the final parameters that are evaluated.
-3. Wall-clock: one timed run from seed 0, compiled before the clock starts,
-   run in chunks with ``block_until_ready`` after each (as ``training.fit``
-   does). SOFO runs ``steps`` steps; its elapsed time ``t*`` is the
-   equal-wall-clock budget. The other methods run until the first chunk
-   boundary at or after ``t*`` (at most ``max_factor * steps`` steps), so
-   they are compared with SOFO at (at least) the same compute time. Batches are drawn from the same key stream, so the first
-   ``steps`` batches of a longer run are those of phase 2's seed 0.
+2. Wall-clock: one timed run of the chosen setting from seed 0, compiled
+   before the clock starts and run in chunks with ``block_until_ready``
+   after each (as ``training.fit`` does). SOFO runs ``steps`` steps; its
+   elapsed time ``t*`` is the equal-wall-clock budget. The other methods run
+   until the first chunk boundary at or after ``t*`` (and at least
+   ``steps``, at most ``max_factor * steps`` steps), so they are compared
+   with SOFO at (at least) the same compute time. The parameters after
+   ``steps`` steps are kept: this run is also seed 0 of phase 3.
+3. Seeds: the chosen setting is trained for ``steps`` steps from the other
+   seeds, in one ``vmap``-ed program. With seed 0 these curves give the
+   equal-iteration numbers, and their final parameters are evaluated on
+   fixed evaluation batches.
 
 SOFO is also run (timed, seed 0) at the plan's extra values of K with its
 chosen learning rate and damping.
@@ -94,14 +96,19 @@ def run_many(task, method: str, num_steps: int, settings, keys, num_tangents: in
 
 def timed_run(task, method: str, *, key, learning_rate: float, damping: Optional[float],
               num_tangents: int, max_steps: int, chunk: int,
-              until_seconds: Optional[float] = None) -> dict:
+              until_seconds: Optional[float] = None,
+              snapshot_step: Optional[int] = None) -> dict:
   """One run timed like ``training.fit``: compiled first, chunks, blocking.
 
   Stops after ``max_steps`` steps or at the first chunk boundary after
-  ``until_seconds`` of (compilation-free) wall-clock.
+  ``until_seconds`` of (compilation-free) wall-clock, but not before
+  ``snapshot_step`` steps, where the parameters are also kept.
 
   Returns:
-    ``{"losses", "seconds", "params", "compile_seconds"}``.
+    ``{"losses", "seconds", "params", "compile_seconds"}``, and with
+    ``snapshot_step`` also ``"params_at_snapshot"`` and
+    ``"nonfinite_at_snapshot"`` (steps skipped so far by a forward-mode
+    method).
   """
   assert max_steps % chunk == 0, (max_steps, chunk)
   init_key, data_key, tangent_key = jax.random.split(key, 3)
@@ -116,7 +123,9 @@ def timed_run(task, method: str, *, key, learning_rate: float, damping: Optional
   run_chunk = jax.jit(lambda c, k: jax.lax.scan(step, c, k)).lower(
       carry, batch_keys[:chunk]).compile()
   compile_seconds = time.perf_counter() - begin
+  assert snapshot_step is None or (snapshot_step % chunk == 0 and snapshot_step <= max_steps)
   losses, seconds, elapsed = [], [], 0.0
+  snapshot = {}
   for start in range(0, max_steps, chunk):
     keys = batch_keys[start:start + chunk]
     begin = time.perf_counter()
@@ -126,10 +135,16 @@ def timed_run(task, method: str, *, key, learning_rate: float, damping: Optional
     losses.append(np.asarray(chunk_losses))
     seconds.append(elapsed + spent * np.arange(1, chunk + 1) / chunk)
     elapsed += spent
-    if until_seconds is not None and elapsed >= until_seconds:
+    if start + chunk == snapshot_step:
+      snapshot["params_at_snapshot"] = carry[0]
+      snapshot["nonfinite_at_snapshot"] = (
+          int(state_utils.get_diagnostics(carry[1]).num_nonfinite_steps)
+          if method in FORWARD else 0)
+    past_snapshot = snapshot_step is None or start + chunk >= snapshot_step
+    if until_seconds is not None and elapsed >= until_seconds and past_snapshot:
       break
   return {"losses": np.concatenate(losses), "seconds": np.concatenate(seconds),
-          "params": carry[0], "compile_seconds": compile_seconds}
+          "params": carry[0], "compile_seconds": compile_seconds, **snapshot}
 
 
 def evaluate_many(task, params_list, num_batches: int) -> list[dict]:
@@ -249,27 +264,16 @@ def run_task(name: str, plan: _suite.Plan, size: str, grids: dict, num_seeds: in
                  for (lr, d), s, b in zip(grid, scores, nonfinite)],
         "learning_rate": grid[best][0], "damping": grid[best][1],
         "chosen_at_grid_edge": best in _edge_indices(grid, best),
+        "all_grid_points_diverged": not any(math.isfinite(x) for x in scores),
     }
     _log(f"{name}/{method}: grid scores {['%.3g' % s for s in scores]} -> "
          f"lr {grid[best][0]}, damping {grid[best][1]} ({secs:.1f}s)")
 
-  for method in _suite.METHODS:
-    lr, damping = chosen[method]
-    losses, params, nonfinite, secs = run_many(
-        task, method, n, [(lr, damping)] * num_seeds, seed_keys, k_main)
-    m = entry["methods"][method]
-    m["losses"] = losses  # replaced by summaries below
-    m["nonfinite_steps"] = nonfinite.tolist()
-    for i in range(num_seeds):
-      eval_params.append(jax.tree.map(lambda x, i=i: x[i], params))
-      eval_labels.append(f"{method}/{i}")
-    _log(f"{name}/{method}: {num_seeds} seeds, final loss "
-         f"{[round(tail_mean(r, 0.1), 4) for r in losses]} ({secs:.1f}s)")
-
+  # Timed runs from seed 0; they also provide seed 0's first n steps.
   timed = {}
   lr, damping = chosen["sofo"]
   timed["sofo"] = timed_run(task, "sofo", key=seed_keys[0], learning_rate=lr, damping=damping,
-                            num_tangents=k_main, max_steps=n, chunk=chunk)
+                            num_tangents=k_main, max_steps=n, chunk=chunk, snapshot_step=n)
   t_star = float(timed["sofo"]["seconds"][-1])
   _log(f"{name}/sofo timed: {n} steps in {t_star:.2f}s "
        f"(compile {timed['sofo']['compile_seconds']:.1f}s)")
@@ -277,8 +281,8 @@ def run_task(name: str, plan: _suite.Plan, size: str, grids: dict, num_seeds: in
     lr, damping = chosen[method]
     timed[method] = timed_run(
         task, method, key=seed_keys[0], learning_rate=lr, damping=damping,
-        num_tangents=k_main, max_steps=_round_up(max_factor * n, chunk), chunk=chunk,
-        until_seconds=t_star)
+        num_tangents=k_main, max_steps=max(n, _round_up(max_factor * n, chunk)), chunk=chunk,
+        until_seconds=t_star, snapshot_step=n)
     _log(f"{name}/{method} timed: {len(timed[method]['losses'])} steps in "
          f"{timed[method]['seconds'][-1]:.2f}s")
   for k in plan.extra_tangents:
@@ -288,6 +292,28 @@ def run_task(name: str, plan: _suite.Plan, size: str, grids: dict, num_seeds: in
     _log(f"{name}/sofo K={k} timed: final loss "
          f"{tail_mean(timed[f'sofo_k{k}']['losses'], 0.1):.4g} in "
          f"{timed[f'sofo_k{k}']['seconds'][-1]:.2f}s")
+
+  # The other seeds, n steps each, in one vmap-ed program per method.
+  seed_losses = {}
+  for method in _suite.METHODS:
+    run = timed[method]
+    seed_losses[method] = [run["losses"][:n]]
+    eval_params.append(run["params_at_snapshot"])
+    eval_labels.append(f"{method}/0")
+    m = entry["methods"][method]
+    m["nonfinite_steps"] = [run["nonfinite_at_snapshot"]]
+    if num_seeds > 1:
+      lr, damping = chosen[method]
+      losses, params, nonfinite, secs = run_many(
+          task, method, n, [(lr, damping)] * (num_seeds - 1), seed_keys[1:], k_main)
+      seed_losses[method] += list(losses)
+      m["nonfinite_steps"] += nonfinite.tolist()
+      for i in range(1, num_seeds):
+        eval_params.append(jax.tree.map(lambda x, i=i: x[i - 1], params))
+        eval_labels.append(f"{method}/{i}")
+      _log(f"{name}/{method}: seeds 1-{num_seeds - 1} ({secs:.1f}s)")
+    _log(f"{name}/{method}: final training loss per seed "
+         f"{[round(tail_mean(r, 0.1), 4) for r in seed_losses[method]]}")
   for label, run in timed.items():
     eval_params.append(run["params"])
     eval_labels.append(f"timed/{label}")
@@ -304,14 +330,13 @@ def run_task(name: str, plan: _suite.Plan, size: str, grids: dict, num_seeds: in
 
   for method in _suite.METHODS:
     m = entry["methods"][method]
-    losses = m.pop("losses")
+    losses = np.stack(seed_losses[method])
     run = timed[method]
     steps_needed = [steps_to_target(r, target, window) for r in losses]
     reached = [s for s in steps_needed if s is not None]
     timed_hit = steps_to_target(run["losses"], target, window)
     at_t, covered = loss_at_time(run["seconds"], run["losses"], t_star)
     # The timed run's first n steps repeat seed 0 of the seeds phase.
-    overlap = min(window, len(run["losses"]))
     m.update({
         "final_loss": [tail_mean(r, 0.1) for r in losses],
         "final_loss_mean": float(np.mean([tail_mean(r, 0.1) for r in losses])),
@@ -329,10 +354,6 @@ def run_task(name: str, plan: _suite.Plan, size: str, grids: dict, num_seeds: in
             "steps_to_target": timed_hit,
             "final_metrics": evals[f"timed/{method}"],
             "curve": _curve(run["losses"], window, run["seconds"]),
-            # Same seed, batches and settings as seeds-phase seed 0, compiled
-            # without vmap: equal up to floating-point reassociation.
-            "max_abs_diff_first_steps_vs_seed0": float(np.nanmax(np.abs(
-                run["losses"][:overlap] - losses[0][:overlap]))),
         },
     })
   entry["sofo_other_k"] = {}

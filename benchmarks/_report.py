@@ -50,8 +50,14 @@ def plot_convergence(payload: dict, path: Path) -> None:
       ax_it.plot(oc["step"], _arr(oc["mean"]), color="C0", ls=style, alpha=0.7,
                  label=f"SOFO K={k} (seed 0)")
       ax_t.plot(_arr(oc["seconds"]), _arr(oc["mean"]), color="C0", ls=style, alpha=0.7)
+    # Clip diverging runs: show from below the best loss to above the start.
+    starts = [entry["methods"][m]["curve"]["mean"][0] for m in _suite.METHODS]
+    lows = [v for m in _suite.METHODS for v in entry["methods"][m]["curve"]["min"] if v is not None]
+    top = 3 * max(v for v in starts if v is not None)
+    bottom = 0.5 * min([v for v in lows if v > 0] + [entry.get("target") or top])
     for ax in (ax_it, ax_t):
       ax.set_yscale("log")
+      ax.set_ylim(bottom, top)
       if entry.get("target"):
         ax.axhline(entry["target"], color="k", ls=":", lw=0.8)
       ax.set_ylabel("training loss")
@@ -220,11 +226,14 @@ def convergence_tables(payload: dict) -> tuple[str, list[dict]]:
     values = ", ".join(f"{g['learning_rate']:g}" + (f"/{g['damping']:g}" if g["damping"] is not None else "")
                        for g in any_entry)
     edge = [n for n, e in tasks.items() if e["methods"][method]["chosen_at_grid_edge"]]
-    grid_rows.append([_suite.LABELS[method], values, ", ".join(edge) or "none"])
+    diverged = [n for n, e in tasks.items() if e["methods"][method].get("all_grid_points_diverged")]
+    grid_rows.append([_suite.LABELS[method], values, ", ".join(edge) or "none",
+                      ", ".join(diverged) or "none"])
   out.append(f"\n**Grids** (lr, or lr/λ for SOFO; each point trained {_tune_steps(tasks)} "
              "iterations from a separate tuning seed, scored by the mean training loss over the "
              "last quarter):\n")
-  out.append(_table(["method", "grid", "chosen at an edge of the grid in"], grid_rows))
+  out.append(_table(["method", "grid", "chosen at an edge of the grid in",
+                     "every grid point diverged in"], grid_rows))
   return "\n".join(out), _targets(payload)
 
 

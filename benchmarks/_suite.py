@@ -21,11 +21,14 @@ LABELS = {"sofo": "SOFO", "adam": "Adam + BPTT", "fgd": "FGD", "sgd": "SGD + BPT
 
 # Hyperparameter grids, the same for every task: (learning rate, damping).
 # Damping is SOFO's only; the others carry None.
+# A pilot run with narrower grids picked edge values (SOFO's smallest damping,
+# Adam's and SGD's largest learning rates, FGD's largest), so each grid was
+# widened by one step in that direction.
 GRIDS = {
-    "sofo": tuple((lr, d) for lr in (0.1, 0.3, 1.0) for d in (1e-4, 1e-3, 1e-2)),
-    "adam": tuple((lr, None) for lr in (1e-3, 3e-3, 1e-2, 3e-2)),
-    "fgd": tuple((lr, None) for lr in (1e-4, 1e-3, 1e-2, 1e-1)),
-    "sgd": tuple((lr, None) for lr in (1e-2, 3e-2, 1e-1, 3e-1)),
+    "sofo": tuple((lr, d) for lr in (0.1, 0.3, 1.0) for d in (1e-5, 1e-4, 1e-3, 1e-2)),
+    "adam": tuple((lr, None) for lr in (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)),
+    "fgd": tuple((lr, None) for lr in (1e-3, 1e-2, 1e-1, 1.0)),
+    "sgd": tuple((lr, None) for lr in (1e-3, 1e-2, 1e-1, 1.0)),
 }
 QUICK_GRIDS = {
     "sofo": ((0.3, 1e-3), (1.0, 1e-2)),
@@ -63,7 +66,7 @@ class Plan:
 # Loss targets, stated before running: flip-flop 0.1 (initial loss about 1.5),
 # Lorenz 0.3 (a tenth of the attractor-mean predictor's 3), delayed addition
 # 1/60 (normalised MSE 0.1), digits 0.1 (cross-entropy), double reach 2e-3
-# (about a tenth of the hold-still-at-the-start loss).
+# (a seventh of the loss of an arm that never moves, 0.014 at the cpu size).
 TARGETS = {
     "flip_flop": dict(target=0.1),
     "lorenz": dict(target=0.3),
@@ -75,17 +78,17 @@ TARGETS = {
 
 CPU = {
     "flip_flop": Plan(dict(num_hidden=32, num_steps=100, batch_size=32, num_tangents=64),
-                      steps=200, tune_steps=60, extra_tangents=(16, 32)),
+                      steps=200, tune_steps=100, extra_tangents=(16, 32)),
     "lorenz": Plan(dict(num_hidden=64, batch_size=64, num_tangents=64),
-                   steps=200, tune_steps=60, extra_tangents=(16, 32)),
+                   steps=200, tune_steps=100, extra_tangents=(16, 32)),
     "kalman": Plan(dict(num_hidden=32, num_steps=200, batch_size=32, num_tangents=64),
-                   steps=200, tune_steps=60, extra_tangents=(16, 32)),
+                   steps=200, tune_steps=100, extra_tangents=(16, 32)),
     "double_reach": Plan(dict(num_hidden=32, dt=0.005, batch_size=32, num_tangents=64),
-                         steps=100, tune_steps=40, extra_tangents=(16, 32)),
+                         steps=100, tune_steps=50, extra_tangents=(16, 32)),
     "delayed_addition": Plan(dict(num_hidden=32, num_steps=100, batch_size=64, num_tangents=64),
-                             steps=200, tune_steps=60, extra_tangents=(16, 32)),
+                             steps=200, tune_steps=100, extra_tangents=(16, 32)),
     "digits": Plan(dict(width=100, batch_size=256, num_tangents=64),
-                   steps=200, tune_steps=60, extra_tangents=(16, 32)),
+                   steps=200, tune_steps=100, extra_tangents=(16, 32)),
 }
 
 PAPER = {
@@ -93,6 +96,8 @@ PAPER = {
     for name in CPU
 }
 
+# --quick's default task list: one task keeps the smoke test near 30 s.
+QUICK_TASKS = ("flip_flop",)
 QUICK = {name: Plan(None, steps=20, tune_steps=10, extra_tangents=(4,)) for name in CPU}
 
 SEEDS = {"quick": 1, "cpu": 3, "paper": 3}

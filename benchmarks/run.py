@@ -86,16 +86,27 @@ def _write(out_dir: Path, name: str, payload: dict, size: str, command: str) -> 
   payload = {"machine": _harness.machine(), "load_average": list(os.getloadavg()),
              "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "size": size,
              "command": command, **payload}
-  path.write_text(json.dumps(payload, indent=1, default=_json_default))
+  payload = _plain(payload)
+  path.write_text(json.dumps(payload, indent=1, allow_nan=False))
   return path
 
 
-def _json_default(x):
+def _plain(x):
+  """JSON-ready copy: numpy to Python, non-finite floats to None."""
+  import math
   import numpy as np
-  if isinstance(x, np.generic):
-    return x.item()
+  if isinstance(x, dict):
+    return {str(k): _plain(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_plain(v) for v in x]
   if isinstance(x, np.ndarray):
-    return x.tolist()
+    return _plain(x.tolist())
+  if isinstance(x, np.generic):
+    x = x.item()
+  if isinstance(x, float):
+    return x if math.isfinite(x) else None
+  if x is None or isinstance(x, (bool, int, str)):
+    return x
   return str(x)
 
 
@@ -105,7 +116,7 @@ def convergence(args, size: str, out_dir: Path, command: str) -> dict:
   plans = _suite.plans(size)
   grids = _suite.grids(size)
   seeds = args.seeds or _suite.SEEDS[size]
-  names = args.tasks or list(plans)
+  names = args.tasks or (list(_suite.QUICK_TASKS) if size == "quick" else list(plans))
   path = out_dir / "convergence.json"
   tasks = {}
   if path.exists():  # running a subset updates those tasks only
@@ -193,7 +204,7 @@ def main(argv=None):
       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("command", choices=COMMANDS)
   parser.add_argument("--tasks", nargs="+", choices=list(_suite.CPU), default=None,
-                      help="tasks for `convergence` (default: all six)")
+                      help="tasks for `convergence` (default: all six; flip_flop with --quick)")
   size_group = parser.add_mutually_exclusive_group()
   size_group.add_argument("--quick", action="store_true", help="tiny smoke-test sizes (also SOFO_QUICK=1)")
   size_group.add_argument("--paper-size", action="store_true", help="the paper's sizes (for a GPU)")

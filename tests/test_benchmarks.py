@@ -1,0 +1,89 @@
+"""The benchmark CLI runs end to end in quick mode and writes sane outputs."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+RUN = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+
+
+def _numbers(tree):
+  if isinstance(tree, dict):
+    for value in tree.values():
+      yield from _numbers(value)
+  elif isinstance(tree, list):
+    for value in tree:
+      yield from _numbers(value)
+  elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+    yield tree
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+  out = tmp_path_factory.mktemp("bench")
+  env = {**os.environ, "SOFO_QUICK": "1"}
+  done = subprocess.run([sys.executable, str(RUN), "all", "--quick", "--out", str(out)],
+                        capture_output=True, text=True, env=env, timeout=300, check=False)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  return out
+
+
+def test_writes_every_file(quick_results):
+  for name in ("convergence.json", "convergence.png", "memory.json", "memory.png",
+               "time_vs_k.json", "time_vs_k.png", "results.md"):
+    path = quick_results / name
+    assert path.exists() and path.stat().st_size > 0, name
+  for name in ("convergence.png", "memory.png", "time_vs_k.png"):
+    assert (quick_results / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_convergence_json(quick_results):
+  payload = json.loads((quick_results / "convergence.json").read_text())
+  assert payload["size"] == "quick"
+  entry = payload["tasks"]["flip_flop"]
+  for method in ("sofo", "adam", "fgd", "sgd"):
+    m = entry["methods"][method]
+    assert m["learning_rate"] in [g["learning_rate"] for g in m["grid"]]
+    assert len(m["final_loss"]) == len(entry["seeds"])
+    assert all(math.isfinite(x) for x in m["final_loss"])
+    assert len(m["curve"]["mean"]) == len(m["curve"]["step"]) > 0
+    timed = m["timed"]
+    assert timed["seconds"] > 0 and timed["steps"] >= entry["steps"]
+    assert math.isfinite(timed["final_metrics"]["loss"])
+  # SOFO defines the wall-clock budget; every baseline ran at least as long
+  # (or hit its iteration cap).
+  t_star = entry["equal_wallclock_seconds"]
+  assert entry["methods"]["sofo"]["timed"]["seconds"] == pytest.approx(t_star)
+  for method in ("adam", "fgd", "sgd"):
+    assert entry["methods"][method]["timed"]["covers_equal_wallclock"]
+  assert entry["sofo_other_k"]
+
+
+def test_memory_and_time_json(quick_results):
+  memory = json.loads((quick_results / "memory.json").read_text())
+  for kind in ("sofo", "bptt"):
+    rows = memory["series"][kind]
+    assert rows and all("error" not in r for r in rows)
+    assert all(r["temp_bytes"] > 0 for r in rows)
+  sofo, bptt = memory["series"]["sofo"], memory["series"]["bptt"]
+  # Flat for SOFO, growing for BPTT, already at quick sizes.
+  assert sofo[-1]["temp_bytes"] <= 1.1 * sofo[0]["temp_bytes"]
+  assert bptt[-1]["temp_bytes"] >= 5 * bptt[0]["temp_bytes"]
+  assert any("rss_growth_bytes" in r for r in sofo)
+  timing = json.loads((quick_results / "time_vs_k.json").read_text())
+  assert [r["K"] for r in timing["rows"]] == [4, 8]
+  for name in ("convergence.json", "memory.json", "time_vs_k.json"):
+    payload = json.loads((quick_results / name).read_text())
+    assert all(math.isfinite(x) for x in _numbers(payload)), name
+
+
+def test_results_markdown(quick_results):
+  text = (quick_results / "results.md").read_text()
+  assert "### Targets" in text and "flip_flop" in text and "run.py all --quick" in text
