@@ -202,7 +202,8 @@ def _sample_indices(n: int) -> np.ndarray:
 
 
 def _finite_list(x) -> list:
-  return [float(v) if np.isfinite(v) else None for v in np.asarray(x, np.float64)]
+  """Plot data: 4 significant digits, None for non-finite values."""
+  return [float(f"{v:.4g}") if np.isfinite(v) else None for v in np.asarray(x, np.float64)]
 
 
 def _curve(losses: np.ndarray, window: int, seconds: Optional[np.ndarray] = None) -> dict:
@@ -210,10 +211,10 @@ def _curve(losses: np.ndarray, window: int, seconds: Optional[np.ndarray] = None
   losses = np.atleast_2d(losses)
   smooth = np.stack([running_mean(row, window) for row in losses])
   idx = _sample_indices(losses.shape[1])
-  out = {"step": (idx + 1).tolist(),
-         "mean": _finite_list(np.mean(smooth, 0)[idx]),
-         "min": _finite_list(np.min(smooth, 0)[idx]),
-         "max": _finite_list(np.max(smooth, 0)[idx])}
+  out = {"step": (idx + 1).tolist(), "mean": _finite_list(np.mean(smooth, 0)[idx])}
+  if losses.shape[0] > 1:
+    out["min"] = _finite_list(np.min(smooth, 0)[idx])
+    out["max"] = _finite_list(np.max(smooth, 0)[idx])
   if seconds is not None:
     out["seconds"] = _finite_list(seconds[idx])
   return out

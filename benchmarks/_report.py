@@ -41,7 +41,8 @@ def plot_convergence(payload: dict, path: Path) -> None:
       label = f"{_suite.LABELS[method]} (lr {m['learning_rate']:g}" + (
           f", λ {m['damping']:g})" if m["damping"] is not None else ")")
       ax_it.plot(c["step"], _arr(c["mean"]), color=COLORS[method], label=label)
-      ax_it.fill_between(c["step"], _arr(c["min"]), _arr(c["max"]), color=COLORS[method], alpha=0.2)
+      if "min" in c:  # a range only with several seeds
+        ax_it.fill_between(c["step"], _arr(c["min"]), _arr(c["max"]), color=COLORS[method], alpha=0.2)
       tc = m["timed"]["curve"]
       ax_t.plot(_arr(tc["seconds"]), _arr(tc["mean"]), color=COLORS[method])
     for i, (k, other) in enumerate(entry.get("sofo_other_k", {}).items()):
@@ -52,7 +53,8 @@ def plot_convergence(payload: dict, path: Path) -> None:
       ax_t.plot(_arr(oc["seconds"]), _arr(oc["mean"]), color="C0", ls=style, alpha=0.7)
     # Clip diverging runs: show from below the best loss to above the start.
     starts = [entry["methods"][m]["curve"]["mean"][0] for m in _suite.METHODS]
-    lows = [v for m in _suite.METHODS for v in entry["methods"][m]["curve"]["min"] if v is not None]
+    curves = [entry["methods"][m]["curve"] for m in _suite.METHODS]
+    lows = [v for c in curves for v in c.get("min", c["mean"]) if v is not None]
     top = 3 * max(v for v in starts if v is not None)
     bottom = 0.5 * min([v for v in lows if v > 0] + [entry.get("target") or top])
     for ax in (ax_it, ax_t):
@@ -340,7 +342,7 @@ def machine_line(payload: dict) -> str:
   load = payload.get("load_average")
   return (f"{m['processor']}, {m['cpu_count']} CPU cores, backend {m['backend']}, Python {m['python']}, "
           f"JAX {m['jax']}, Optax {m['optax']}, {m['platform']}"
-          + (f"; 1-minute load average at start {load[0]:.1f}" if load else ""))
+          + (f"; 1-minute load average when it finished {load[0]:.1f}" if load else ""))
 
 
 def results_markdown(out_dir: Path, command_note: str) -> str:
@@ -353,7 +355,7 @@ def results_markdown(out_dir: Path, command_note: str) -> str:
     tables, v = convergence_tables(payload)
     verdicts += v
     parts.append(f"### Convergence ({payload['size']} size)\n\nMachine: {machine_line(payload)}. "
-                 f"Run {payload['timestamp']}.\n")
+                 f"Finished {payload['timestamp']}, {payload['seconds'] / 60:.0f} minutes.\n")
     parts.append(tables)
     parts.append("\n![convergence](results/convergence.png)\n")
   mem = out_dir / "memory.json"

@@ -17,9 +17,9 @@ Subcommands:
   ``memory.json`` and ``memory.png``.
 - ``time_vs_k``: time per iteration for K = 8 ... 512 against an Adam step.
   Writes ``time_vs_k.json`` and ``time_vs_k.png``.
-- ``table``: the markdown results tables from the JSON files
-  (``results.md``; with the default output directory also the results
-  section of ``benchmarks/README.md``).
+- ``table``: the markdown results tables and the plots, from the JSON
+  files only (``results.md``; with the default output directory also the
+  results section of ``benchmarks/README.md``).
 - ``all``: the four above, in that order.
 
 Sizes: the default is the ``cpu`` size (the paper's tasks shrunk to run in
@@ -87,12 +87,16 @@ def _write(out_dir: Path, name: str, payload: dict, size: str, command: str) -> 
              "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "size": size,
              "command": command, **payload}
   payload = _plain(payload)
-  path.write_text(json.dumps(payload, indent=1, allow_nan=False))
+  # One line per top-level entry keeps the file small and diffable.
+  lines = [f" {json.dumps(k)}: {json.dumps(v, separators=(',', ':'), allow_nan=False)}"
+           for k, v in payload.items()]
+  path.write_text("{\n" + ",\n".join(lines) + "\n}\n")
   return path
 
 
 def _plain(x):
-  """JSON-ready copy: numpy to Python, non-finite floats to None."""
+  """JSON-ready copy: numpy to Python, floats to 6 significant digits,
+  non-finite floats to None."""
   import math
   import numpy as np
   if isinstance(x, dict):
@@ -104,7 +108,7 @@ def _plain(x):
   if isinstance(x, np.generic):
     x = x.item()
   if isinstance(x, float):
-    return x if math.isfinite(x) else None
+    return float(f"{x:.6g}") if math.isfinite(x) else None
   if x is None or isinstance(x, (bool, int, str)):
     return x
   return str(x)
@@ -169,6 +173,11 @@ def time_vs_k(args, size: str, out_dir: Path, command: str) -> dict:
 
 def table(args, size: str, out_dir: Path, command: str) -> str:
   import _report
+  # The plots are redrawn from the JSON files too (cheap, no training).
+  for name, plot in (("convergence", _report.plot_convergence), ("memory", _report.plot_memory),
+                     ("time_vs_k", _report.plot_time)):
+    if (out_dir / f"{name}.json").exists():
+      plot(json.loads((out_dir / f"{name}.json").read_text()), out_dir / f"{name}.png")
   commands = []
   for name in ("convergence.json", "memory.json", "time_vs_k.json"):
     if (out_dir / name).exists():
