@@ -33,11 +33,53 @@ def time_call(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> dict:
     start = time.perf_counter()
     jax.block_until_ready(fn())
     samples.append(time.perf_counter() - start)
+  return _stats(samples)
+
+
+def _stats(samples: list[float]) -> dict:
   return {
       "min_s": min(samples),
       "median_s": statistics.median(samples),
       "mean_s": statistics.fmean(samples),
-      "repeats": repeats,
+      "repeats": len(samples),
+  }
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int,
+                     warmup: int = 2) -> dict:
+  """Times several functions side by side, round-robin.
+
+  Each round times every function once (up to ``block_until_ready``), in an
+  order rotated from round to round, so slow drifts of a shared machine (other
+  tenants, frequency scaling) hit all of them alike instead of whichever was
+  timed last. Ratios are then taken within a round.
+
+  Returns:
+    ``{name: {"min_s", "median_s", "mean_s", "repeats", "samples_s"}}``.
+  """
+  names = list(fns)
+  for _ in range(warmup):
+    for name in names:
+      jax.block_until_ready(fns[name]())
+  samples = {name: [] for name in names}
+  for round_index in range(repeats):
+    shift = round_index % len(names)
+    for name in names[shift:] + names[:shift]:
+      start = time.perf_counter()
+      jax.block_until_ready(fns[name]())
+      samples[name].append(time.perf_counter() - start)
+  return {name: {**_stats(s), "samples_s": s} for name, s in samples.items()}
+
+
+def ratio_stats(numerator: list[float], denominator: list[float]) -> dict:
+  """Median and quartiles of per-round ratios, and the ratio of the minima."""
+  ratios = sorted(n / d for n, d in zip(numerator, denominator))
+  quartiles = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+  return {
+      "median": statistics.median(ratios),
+      "q1": quartiles[0],
+      "q3": quartiles[2],
+      "of_minima": min(numerator) / min(denominator),
   }
 
 

@@ -108,7 +108,10 @@ def plot_time(payload: dict, path: Path) -> None:
   ks = [r["K"] for r in rows]
   ax.plot(ks, [r["sofo_median_ms"] for r in rows], "o-", color="C0", label="SOFO (median)")
   ax.plot(ks, [r["sofo_min_ms"] for r in rows], "v", color="C0", alpha=0.5, label="SOFO (min)")
-  ax.axhline(rows[0]["adam_median_ms"], color="C1", label="Adam + BPTT (median)")
+  if "jvp_median_ms" in rows[0]:
+    ax.plot(ks, [r["jvp_median_ms"] for r in rows], "s--", color="C2",
+            label="bare vmapped jvp (median)")
+  ax.plot(ks, [r["adam_median_ms"] for r in rows], "-", color="C1", label="Adam + BPTT (median)")
   ax.set_xscale("log", base=2)
   ax.set_yscale("log")
   ax.set_xlabel("K (tangents)")
@@ -332,9 +335,11 @@ def memory_verdict(payload: dict) -> tuple[str, list[dict]]:
 
 
 def time_table(payload: dict) -> str:
-  rows = [[str(r["K"]), _g(r["sofo_min_ms"]), _g(r["sofo_median_ms"]), _g(r["adam_median_ms"]),
-           _g(r["ratio_median"], 2)] for r in payload["rows"]]
-  return _table(["K", "SOFO min (ms)", "SOFO median (ms)", "Adam median (ms)", "SOFO / Adam"], rows)
+  rows = [[str(r["K"]), _g(r["sofo_min_ms"]), _g(r["sofo_median_ms"]),
+           _g(r.get("jvp_median_ms")), _g(r.get("sofo_over_jvp"), 3),
+           _g(r["adam_median_ms"]), _g(r["ratio_median"], 2)] for r in payload["rows"]]
+  return _table(["K", "SOFO min (ms)", "SOFO median (ms)", "bare jvp median (ms)", "SOFO / jvp",
+                 "Adam median (ms)", "SOFO / Adam"], rows)
 
 
 def machine_line(payload: dict) -> str:
@@ -377,8 +382,10 @@ def results_markdown(out_dir: Path, command_note: str) -> str:
     c = payload["config"]
     parts.append(f"### Time per iteration against K ({payload['size']} size)\n\n"
                  f"Kalman RNN, {c['num_hidden']} units, T = {c['num_steps']}, batch "
-                 f"{c['batch_size']} ({payload['num_params']} parameters); full jitted training step, "
-                 f"warm-up then {payload['repeats']} timed calls. Machine: {machine_line(payload)}.\n")
+                 f"{c['batch_size']} ({payload['num_params']} parameters); full jitted training step "
+                 f"against the bare vmapped jvp of the same loss and an Adam + BPTT step, "
+                 f"warm-up then {payload['repeats']} rounds timed round-robin; SOFO / jvp is "
+                 f"the median of per-round ratios. Machine: {machine_line(payload)}.\n")
     parts.append(time_table(payload))
     parts.append("\n![time vs K](results/time_vs_k.png)\n")
   verdicts += mem_v

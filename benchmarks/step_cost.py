@@ -7,10 +7,15 @@ times, side by side in one run:
   (the irreducible cost of any K-tangent forward-mode method);
 - ``sofo``: a full SOFO training step (tangent sampling, sketch with
   Gauss–Newton assembly, K×K solve, parameter update), jitted as one program;
-- ``adam_bptt``: an Adam step with a backpropagated gradient.
+- ``adam_bptt``: an Adam step with a backpropagated gradient;
+- ``sketch`` and ``tangent_draw``: the sketch alone (given tangents) and the
+  tangent draw alone, parts of the SOFO step for the breakdown.
 
-Writes ``benchmarks/results/step_cost.json`` and prints a table. The target is
-``sofo / jvp <= 1.15``.
+All five are timed round-robin (:func:`_harness.time_interleaved`), so
+machine drift hits them alike, and ``sofo_over_jvp`` is the median over rounds
+of the per-round ratio (with its interquartile range and the ratio of the
+minima). Writes ``benchmarks/results/step_cost.json`` and prints a table. The
+target is ``sofo / jvp <= 1.15``.
 
 Usage: ``python benchmarks/step_cost.py [--quick] [--repeats R]``
 """
@@ -59,47 +64,60 @@ def make_problem(n_hidden, batch, horizon, n_in=3, n_out=3, seed=0):
 
 def bench(n_hidden, batch, horizon, tangent_counts, repeats):
   params, loss_fn = make_problem(n_hidden, batch, horizon)
-  rows = []
+  value_fn = lambda q: loss_fn(q).value
   adam = optax.adam(1e-3)
   adam_state = adam.init(params)
 
   @jax.jit
   def adam_step(p, s):
-    grads = jax.grad(lambda q: loss_fn(q).value)(p)
-    updates, s = adam.update(grads, s, p)
+    updates, s = adam.update(jax.grad(value_fn)(p), s, p)
     return optax.apply_updates(p, updates), s
 
-  adam_time = _harness.time_call(lambda: adam_step(params, adam_state), repeats)
+  rows = []
   for k in tangent_counts:
     tangents = sofo_jax.sample_tangents(jax.random.key(1), params, k)
-
-    @jax.jit
-    def bare_jvp(p, t):
-      value_fn = lambda q: loss_fn(q).value
-      return jax.vmap(lambda v: jax.jvp(value_fn, (p,), (v,)))(t)
-
     opt = sofo_jax.sofo(1.0, k, 1e-4, key=jax.random.key(2))
     state = opt.init(params)
 
     @jax.jit
+    def bare_jvp(p, t):
+      return jax.vmap(lambda v: jax.jvp(value_fn, (p,), (v,)))(t)
+
+    @jax.jit
     def sofo_step(p, s):
-      updates, s = opt.update(None, s, p, loss_fn=loss_fn)
+      updates, s = opt.update(None, s, p, loss_fn=loss_fn)  # pylint: disable=cell-var-from-loop
       return optax.apply_updates(p, updates), s
 
-    jvp_time = _harness.time_call(lambda: bare_jvp(params, tangents), repeats)
-    sofo_time = _harness.time_call(lambda: sofo_step(params, state), repeats)
+    # Parts of the SOFO step, for the breakdown only.
+    sketch_only = jax.jit(lambda p, t: sofo_jax.sketch(loss_fn, p, t))
+    draw_only = jax.jit(lambda key: sofo_jax.sample_tangents(key, params, k))  # pylint: disable=cell-var-from-loop
+
+    timings = _harness.time_interleaved({
+        "jvp": lambda: bare_jvp(params, tangents),  # pylint: disable=cell-var-from-loop
+        "sofo": lambda: sofo_step(params, state),  # pylint: disable=cell-var-from-loop
+        "adam_bptt": lambda: adam_step(params, adam_state),
+        "sketch": lambda: sketch_only(params, tangents),  # pylint: disable=cell-var-from-loop
+        "tangent_draw": lambda: draw_only(jax.random.key(3)),  # pylint: disable=cell-var-from-loop
+    }, repeats)
+    ratio = _harness.ratio_stats(timings["sofo"]["samples_s"], timings["jvp"]["samples_s"])
+    ms = {name: 1e3 * t["median_s"] for name, t in timings.items()}
     rows.append({
         "K": k,
-        "jvp_ms": 1e3 * jvp_time["median_s"],
-        "sofo_ms": 1e3 * sofo_time["median_s"],
-        "adam_bptt_ms": 1e3 * adam_time["median_s"],
-        "sofo_over_jvp": sofo_time["median_s"] / jvp_time["median_s"],
-        "sofo_over_adam": sofo_time["median_s"] / adam_time["median_s"],
-        "timings": {"jvp": jvp_time, "sofo": sofo_time, "adam_bptt": adam_time},
+        "jvp_ms": ms["jvp"],
+        "sofo_ms": ms["sofo"],
+        "adam_bptt_ms": ms["adam_bptt"],
+        "sketch_ms": ms["sketch"],
+        "tangent_draw_ms": ms["tangent_draw"],
+        "sofo_over_jvp": ratio["median"],
+        "sofo_over_jvp_iqr": [ratio["q1"], ratio["q3"]],
+        "sofo_over_jvp_of_minima": ratio["of_minima"],
+        "sofo_over_adam": ms["sofo"] / ms["adam_bptt"],
+        "timings": timings,
     })
-    print(f"K={k}: jvp {rows[-1]['jvp_ms']:.2f} ms, sofo {rows[-1]['sofo_ms']:.2f} ms "
-          f"({rows[-1]['sofo_over_jvp']:.3f}x jvp), adam+bptt {rows[-1]['adam_bptt_ms']:.2f} ms",
-          flush=True)
+    print(f"K={k}: jvp {ms['jvp']:.2f} ms, sofo {ms['sofo']:.2f} ms "
+          f"(median ratio {ratio['median']:.3f}, IQR {ratio['q1']:.3f}-{ratio['q3']:.3f}), "
+          f"adam+bptt {ms['adam_bptt']:.2f} ms; sketch {ms['sketch']:.2f} ms, "
+          f"tangent draw {ms['tangent_draw']:.2f} ms", flush=True)
   return rows
 
 
@@ -107,7 +125,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true", help="tiny sizes, for CI")
   parser.add_argument("--repeats", type=int, default=None)
-  parser.add_argument("--output", default=None, help="file name under benchmarks/results/")
+  parser.add_argument("--output", default=None, help="file name under benchmarks/results/, or an absolute path")
   args = parser.parse_args(argv)
   quick = _harness.quick_mode(args.quick)
   if quick:
@@ -118,7 +136,8 @@ def main(argv=None):
   rows = bench(**config, repeats=repeats)
   output = args.output or ("step_cost_quick.json" if quick else "step_cost.json")
   path = _harness.write_json(output, {"config": {**config, "repeats": repeats, "quick": quick}, "rows": rows})
-  print(_harness.markdown_table(rows, ["K", "jvp_ms", "sofo_ms", "adam_bptt_ms", "sofo_over_jvp", "sofo_over_adam"]))
+  print(_harness.markdown_table(rows, ["K", "jvp_ms", "sofo_ms", "adam_bptt_ms", "sofo_over_jvp",
+                                       "sofo_over_jvp_of_minima", "sketch_ms", "tangent_draw_ms"]))
   print(f"wrote {path}")
 
 

@@ -79,6 +79,9 @@ def test_memory_and_time_json(quick_results):
   assert any("rss_growth_bytes" in r for r in sofo)
   timing = json.loads((quick_results / "time_vs_k.json").read_text())
   assert [r["K"] for r in timing["rows"]] == [4, 8]
+  for row in timing["rows"]:
+    assert row["jvp_median_ms"] > 0 and row["sofo_over_jvp"] > 0
+    assert len(row["sofo"]["samples_s"]) == len(row["jvp"]["samples_s"]) == timing["repeats"]
   for name in ("convergence.json", "memory.json", "time_vs_k.json"):
     payload = json.loads((quick_results / name).read_text())
     assert all(math.isfinite(x) for x in _numbers(payload)), name
@@ -87,3 +90,21 @@ def test_memory_and_time_json(quick_results):
 def test_results_markdown(quick_results):
   text = (quick_results / "results.md").read_text()
   assert "### Targets" in text and "flip_flop" in text and "run.py all --quick" in text
+
+
+def test_step_cost_quick(tmp_path):
+  output = tmp_path / "step_cost.json"
+  done = subprocess.run(
+      [sys.executable, str(RUN.parent / "step_cost.py"), "--quick", "--repeats", "2",
+       "--output", str(output)],
+      capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  payload = json.loads(output.read_text())
+  assert [r["K"] for r in payload["rows"]] == [4, 8]
+  for row in payload["rows"]:
+    for name in ("jvp", "sofo", "adam_bptt", "sketch", "tangent_draw"):
+      assert len(row["timings"][name]["samples_s"]) == 2
+      assert row["timings"][name]["min_s"] > 0
+    q1, q3 = row["sofo_over_jvp_iqr"]
+    assert 0 < q1 <= row["sofo_over_jvp"] <= q3
+  assert all(math.isfinite(x) for x in _numbers(payload))

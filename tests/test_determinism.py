@@ -134,3 +134,24 @@ def test_sample_tangents_is_a_pure_function_of_the_key():
     c = sofo_jax.sample_tangents(jax.random.key(2), PARAMS, 5, distribution)
     assert ravel_pytree(a)[0].tobytes() == ravel_pytree(b)[0].tobytes()
     assert not np.array_equal(ravel_pytree(a)[0], ravel_pytree(c)[0])
+
+
+@pytest.mark.parametrize("batch", [1, 3, 5, 1000])
+def test_tangents_do_not_depend_on_the_cpu_draw_batch(monkeypatch, batch):
+  # On a CPU the tangents are drawn a few at a time, elsewhere all at once;
+  # both must give the same numbers. With P = 8 parameters, a draw batch of
+  # `batch` tangents (the remainder included: K = 7) must match drawing each
+  # tangent alone from its own key, which is what vmap over all K does.
+  from sofo_jax._src import tangents as tangents_lib  # pylint: disable=g-import-not-at-top
+  num_params = sum(x.size for x in jax.tree.leaves(PARAMS))
+  monkeypatch.setattr(tangents_lib, "_CPU_DRAW_BATCH", batch * num_params)
+  drawn = sofo_jax.sample_tangents(jax.random.key(4), PARAMS, 7)
+  keys = jax.random.split(jax.random.key(4), 7)
+  flat = np.stack([np.asarray(jax.random.normal(k, (num_params,))) for k in keys])
+  expected = flat / np.linalg.norm(flat, axis=1, keepdims=True)
+  leaves, treedef = jax.tree.flatten(PARAMS)
+  sizes = np.cumsum([0] + [x.size for x in leaves])
+  expected_tree = treedef.unflatten([
+      expected[:, a:b].reshape((7, *x.shape)) for a, b, x in zip(sizes[:-1], sizes[1:], leaves)])
+  for got, want in zip(jax.tree.leaves(drawn), jax.tree.leaves(expected_tree)):
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-7)
