@@ -56,44 +56,10 @@ from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness
+import _rnn_problem
 
 import sofo_jax
-from sofo_jax import losses
 from sofo_jax._src import hlo
-
-
-def make_problem(n_hidden, batch, horizon, n_in=3, n_out=3, seed=0):
-  keys = jax.random.split(jax.random.key(seed), 5)
-  params = {
-      "w_rec": 0.9 * jax.random.normal(keys[0], (n_hidden, n_hidden)) / jnp.sqrt(n_hidden),
-      "w_in": jax.random.normal(keys[1], (n_in, n_hidden)) / jnp.sqrt(n_in),
-      "w_out": jax.random.normal(keys[2], (n_hidden, n_out)) / jnp.sqrt(n_hidden),
-      "b": jnp.zeros(n_hidden),
-  }
-  xs = jax.random.normal(keys[3], (horizon, batch, n_in))
-  ys = jax.random.normal(keys[4], (horizon, batch, n_out))
-
-  def loss_fn(p, xs, ys):
-    """Mean over time of the batch-mean squared error; the user's own scan."""
-    def step(carry, inputs):
-      h, total = carry
-      x_t, y_t = inputs
-      h = 0.8 * h + 0.2 * jnp.tanh(h @ p["w_rec"] + x_t @ p["w_in"] + p["b"])
-      return (h, total + losses.mse(h @ p["w_out"], y_t)), None
-
-    h0 = jnp.zeros((xs.shape[1], n_hidden))
-    (_, total), _ = jax.lax.scan(step, (h0, losses.zero()), (xs, ys))
-    return total / xs.shape[0]
-
-  def final_loss_fn(p, xs, ys):
-    """Squared error of the last time step only (sparse supervision)."""
-    def step(h, x_t):
-      return 0.8 * h + 0.2 * jnp.tanh(h @ p["w_rec"] + x_t @ p["w_in"] + p["b"]), None
-
-    h, _ = jax.lax.scan(step, jnp.zeros((xs.shape[1], n_hidden)), xs)
-    return losses.mse(h @ p["w_out"], ys[-1])
-
-  return params, xs, ys, loss_fn, final_loss_fn
 
 
 def sofo_step(loss_fn, num_tangents, **axis_names):
@@ -136,7 +102,8 @@ def analytic(mode, k, devices, horizon, outputs_per_step, num_params):
 
 
 def run(n_hidden, batch, horizon, k, device_counts, repeats):
-  params, xs, ys, loss_fn, final_loss_fn = make_problem(n_hidden, batch, horizon)
+  params, xs, ys = _rnn_problem.make(n_hidden, batch, horizon)
+  loss_fn, final_loss_fn = _rnn_problem.loss_fn, _rnn_problem.final_loss_fn
   num_params = sum(x.size for x in jax.tree.leaves(params))
   outputs_per_step = batch * ys.shape[-1]
   rows = []
@@ -229,7 +196,7 @@ def main():
         f"K={config['k']}: P={num_params} parameters, "
         f"{outputs_per_step} outputs per loss step")
   print(_harness.markdown_table(rows, columns))
-  path = _harness.write_json("distributed.json", {
+  path = _harness.write_json("distributed_quick.json" if quick else "distributed.json", {
       "benchmark": "distributed",
       "quick": quick,
       "config": {**config, "num_params": num_params,

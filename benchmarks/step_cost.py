@@ -28,39 +28,19 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness  # pylint: disable=g-import-not-at-top
+import _rnn_problem  # pylint: disable=g-import-not-at-top
 
 import sofo_jax  # pylint: disable=g-import-not-at-top
-from sofo_jax import losses  # pylint: disable=g-import-not-at-top
 
 
-def make_problem(n_hidden, batch, horizon, n_in=3, n_out=3, seed=0):
-  keys = jax.random.split(jax.random.key(seed), 6)
-  params = {
-      "w_rec": 0.9 * jax.random.normal(keys[0], (n_hidden, n_hidden)) / jnp.sqrt(n_hidden),
-      "w_in": jax.random.normal(keys[1], (n_in, n_hidden)) / jnp.sqrt(n_in),
-      "w_out": jax.random.normal(keys[2], (n_hidden, n_out)) / jnp.sqrt(n_hidden),
-      "b": jnp.zeros(n_hidden),
-  }
-  xs = jax.random.normal(keys[3], (horizon, batch, n_in))
-  ys = jax.random.normal(keys[4], (horizon, batch, n_out))
-
-  def loss_fn(p):
-    def step(carry, inputs):
-      h, total = carry
-      x_t, y_t = inputs
-      h = 0.8 * h + 0.2 * jnp.tanh(h @ p["w_rec"] + x_t @ p["w_in"] + p["b"])
-      return (h, total + losses.mse(h @ p["w_out"], y_t)), None
-
-    h0 = jnp.zeros((batch, n_hidden))
-    (_, total), _ = jax.lax.scan(step, (h0, losses.zero()), (xs, ys))
-    return total / horizon
-
-  return params, loss_fn
+def make_problem(n_hidden, batch, horizon):
+  """``(params, loss_fn)`` for the RNN of :mod:`_rnn_problem` on fixed data."""
+  params, xs, ys = _rnn_problem.make(n_hidden, batch, horizon)
+  return params, lambda p: _rnn_problem.loss_fn(p, xs, ys)
 
 
 def bench(n_hidden, batch, horizon, tangent_counts, repeats):
