@@ -155,3 +155,13 @@ def test_tangents_do_not_depend_on_the_cpu_draw_batch(monkeypatch, batch):
       expected[:, a:b].reshape((7, *x.shape)) for a, b, x in zip(sizes[:-1], sizes[1:], leaves)])
   for got, want in zip(jax.tree.leaves(drawn), jax.tree.leaves(expected_tree)):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-7)
+
+
+def test_accelerator_draw_path_gives_the_same_tangents(monkeypatch):
+  # Off CPU, all K tangents are drawn in one vmap; run that branch here.
+  cpu = sofo_jax.sample_tangents(jax.random.key(4), PARAMS, 7)
+  monkeypatch.setattr(jax.lax, "platform_dependent",
+                      lambda *args, default, **per_platform: default(*args))
+  accelerator = sofo_jax.sample_tangents(jax.random.key(4), PARAMS, 7)
+  np.testing.assert_allclose(ravel_pytree(accelerator)[0], ravel_pytree(cpu)[0],
+                             rtol=1e-6, atol=1e-7)
