@@ -25,6 +25,11 @@ initial parameters and batches for a given seed, exactly as in
 
 SOFO is also run (timed, seed 0) at the plan's extra values of K with its
 chosen learning rate and damping.
+
+Every run of every method warms its learning rate up linearly, from a tenth
+of its value to its value, over the first ``WARMUP_FRACTION`` of the plan's
+iterations (tuning runs included), as the README recommends for SOFO; the
+grid value is the rate after the warm-up.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from sofo_jax import training
 from sofo_jax._src import state_utils
@@ -48,11 +54,22 @@ FORWARD = ("sofo", "fgd")
 CURVE_POINTS = 150
 
 
+
+WARMUP_FRACTION = 0.1
+
+
+def warmed_up(peak, warmup_steps: int):
+  """A linear warm-up from ``peak / 10`` to ``peak`` (``peak`` may be traced)."""
+  if warmup_steps < 1:
+    return peak
+  return optax.linear_schedule(0.1 * peak, peak, transition_steps=warmup_steps)
+
 def _log(msg: str) -> None:
   print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run_many(task, method: str, num_steps: int, settings, keys, num_tangents: int):
+def run_many(task, method: str, num_steps: int, settings, keys, num_tangents: int,
+             warmup_steps: int = 0):
   """Trains ``len(settings)`` runs in one ``vmap``-ed, jitted program.
 
   Args:
@@ -63,6 +80,7 @@ def run_many(task, method: str, num_steps: int, settings, keys, num_tangents: in
       SOFO).
     keys: one PRNG key per run, split as ``training.fit`` splits its key.
     num_tangents: K for the forward-mode methods.
+    warmup_steps: length of the learning-rate warm-up (:func:`warmed_up`).
 
   Returns:
     ``(losses (runs, steps), final params (stacked), nonfinite (runs,),
@@ -76,7 +94,7 @@ def run_many(task, method: str, num_steps: int, settings, keys, num_tangents: in
   def train(learning_rate, damping, key):
     init_key, data_key, tangent_key = jax.random.split(key, 3)
     optimizer = training.make_optimizer(
-        method, learning_rate=learning_rate, key=tangent_key,
+        method, learning_rate=warmed_up(learning_rate, warmup_steps), key=tangent_key,
         num_tangents=num_tangents, damping=damping)
     params = task.init_params(init_key)
     state = optimizer.init(params)
@@ -97,7 +115,7 @@ def run_many(task, method: str, num_steps: int, settings, keys, num_tangents: in
 def timed_run(task, method: str, *, key, learning_rate: float, damping: Optional[float],
               num_tangents: int, max_steps: int, chunk: int,
               until_seconds: Optional[float] = None,
-              snapshot_step: Optional[int] = None) -> dict:
+              snapshot_step: Optional[int] = None, warmup_steps: int = 0) -> dict:
   """One run timed like ``training.fit``: compiled first, chunks, blocking.
 
   Stops after ``max_steps`` steps or at the first chunk boundary after
@@ -113,7 +131,7 @@ def timed_run(task, method: str, *, key, learning_rate: float, damping: Optional
   assert max_steps % chunk == 0, (max_steps, chunk)
   init_key, data_key, tangent_key = jax.random.split(key, 3)
   optimizer = training.make_optimizer(
-      method, learning_rate=learning_rate, key=tangent_key,
+      method, learning_rate=warmed_up(learning_rate, warmup_steps), key=tangent_key,
       num_tangents=num_tangents, damping=1e-4 if damping is None else damping)
   params = task.init_params(init_key)
   carry = (params, optimizer.init(params))
@@ -246,13 +264,16 @@ def run_task(name: str, plan: _suite.Plan, size: str, grids: dict, num_seeds: in
       "seeds": list(range(num_seeds)), "smoothing_window": window, "methods": {},
   }
   seed_keys = [jax.random.key(s) for s in range(num_seeds)]
+  warmup = int(WARMUP_FRACTION * n)
+  entry["warmup_steps"] = warmup
   eval_params, eval_labels = [task.init_params(jax.random.split(jax.random.key(0), 3)[0])], ["init"]
 
   chosen = {}
   for method in _suite.METHODS:
     grid = grids[method]
     losses, _, nonfinite, secs = run_many(
-        task, method, plan.tune_steps, grid, [jax.random.key(TUNE_SEED)] * len(grid), k_main)
+        task, method, plan.tune_steps, grid, [jax.random.key(TUNE_SEED)] * len(grid), k_main,
+        warmup)
     scores = []
     for row, bad in zip(losses, nonfinite):
       tail = row[-max(1, plan.tune_steps // 4):]
@@ -274,7 +295,8 @@ def run_task(name: str, plan: _suite.Plan, size: str, grids: dict, num_seeds: in
   timed = {}
   lr, damping = chosen["sofo"]
   timed["sofo"] = timed_run(task, "sofo", key=seed_keys[0], learning_rate=lr, damping=damping,
-                            num_tangents=k_main, max_steps=n, chunk=chunk, snapshot_step=n)
+                            num_tangents=k_main, max_steps=n, chunk=chunk, snapshot_step=n,
+                            warmup_steps=warmup)
   t_star = float(timed["sofo"]["seconds"][-1])
   _log(f"{name}/sofo timed: {n} steps in {t_star:.2f}s "
        f"(compile {timed['sofo']['compile_seconds']:.1f}s)")
@@ -283,13 +305,14 @@ def run_task(name: str, plan: _suite.Plan, size: str, grids: dict, num_seeds: in
     timed[method] = timed_run(
         task, method, key=seed_keys[0], learning_rate=lr, damping=damping,
         num_tangents=k_main, max_steps=max(n, _round_up(max_factor * n, chunk)), chunk=chunk,
-        until_seconds=t_star, snapshot_step=n)
+        until_seconds=t_star, snapshot_step=n, warmup_steps=warmup)
     _log(f"{name}/{method} timed: {len(timed[method]['losses'])} steps in "
          f"{timed[method]['seconds'][-1]:.2f}s")
   for k in plan.extra_tangents:
     lr, damping = chosen["sofo"]
     timed[f"sofo_k{k}"] = timed_run(task, "sofo", key=seed_keys[0], learning_rate=lr,
-                                    damping=damping, num_tangents=k, max_steps=n, chunk=chunk)
+                                    damping=damping, num_tangents=k, max_steps=n, chunk=chunk,
+                                    warmup_steps=warmup)
     _log(f"{name}/sofo K={k} timed: final loss "
          f"{tail_mean(timed[f'sofo_k{k}']['losses'], 0.1):.4g} in "
          f"{timed[f'sofo_k{k}']['seconds'][-1]:.2f}s")
@@ -306,7 +329,7 @@ def run_task(name: str, plan: _suite.Plan, size: str, grids: dict, num_seeds: in
     if num_seeds > 1:
       lr, damping = chosen[method]
       losses, params, nonfinite, secs = run_many(
-          task, method, n, [(lr, damping)] * (num_seeds - 1), seed_keys[1:], k_main)
+          task, method, n, [(lr, damping)] * (num_seeds - 1), seed_keys[1:], k_main, warmup)
       seed_losses[method] += list(losses)
       m["nonfinite_steps"] += nonfinite.tolist()
       for i in range(1, num_seeds):

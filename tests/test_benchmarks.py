@@ -48,6 +48,7 @@ def test_convergence_json(quick_results):
   payload = json.loads((quick_results / "convergence.json").read_text())
   assert payload["size"] == "quick"
   entry = payload["tasks"]["flip_flop"]
+  assert entry["warmup_steps"] == entry["steps"] // 10
   for method in ("sofo", "adam", "fgd", "sgd"):
     m = entry["methods"][method]
     assert m["learning_rate"] in [g["learning_rate"] for g in m["grid"]]

@@ -274,7 +274,10 @@ def sofo(
   \\lambda_{\\text{eff}} I)^{-1}\\tilde g`. See :func:`scale_by_sofo` for the
   arguments other than ``learning_rate`` (a float or an optax schedule). The
   paper's settings are :math:`\\eta \\in [0.1, 1]`, :math:`\\lambda \\in
-  [10^{-7}, 10^{-3}]` and K of 64–512.
+  [10^{-7}, 10^{-3}]` and K of 64–512. From a random initialisation, warm
+  the learning rate up over the first few dozen steps (for example
+  ``optax.linear_schedule(0.1, 1.0, 30)``): the first lightly damped
+  Gauss–Newton steps can otherwise overshoot.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, sofo_jax
