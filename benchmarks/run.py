@@ -145,30 +145,28 @@ def convergence(args, size: str, out_dir: Path, command: str) -> dict:
   return payload
 
 
+def _measure_and_plot(name: str, run, plot, size: str, out_dir: Path, command: str) -> dict:
+  """Runs one benchmark, writes ``<name>.json`` and plots it to ``<name>.png``."""
+  start = time.perf_counter()
+  payload = run(size, _log)
+  payload["seconds"] = time.perf_counter() - start
+  path = _write(out_dir, f"{name}.json", payload, size, command)
+  payload = json.loads(path.read_text())
+  plot(payload, out_dir / f"{name}.png")
+  _log(f"wrote {path} and {out_dir / f'{name}.png'}")
+  return payload
+
+
 def memory(args, size: str, out_dir: Path, command: str) -> dict:
   import _memory
   import _report
-  start = time.perf_counter()
-  payload = _memory.run(size, _log)
-  payload["seconds"] = time.perf_counter() - start
-  path = _write(out_dir, "memory.json", payload, size, command)
-  payload = json.loads(path.read_text())
-  _report.plot_memory(payload, out_dir / "memory.png")
-  _log(f"wrote {path} and {out_dir / 'memory.png'}")
-  return payload
+  return _measure_and_plot("memory", _memory.run, _report.plot_memory, size, out_dir, command)
 
 
 def time_vs_k(args, size: str, out_dir: Path, command: str) -> dict:
   import _report
   import _time_vs_k
-  start = time.perf_counter()
-  payload = _time_vs_k.run(size, _log)
-  payload["seconds"] = time.perf_counter() - start
-  path = _write(out_dir, "time_vs_k.json", payload, size, command)
-  payload = json.loads(path.read_text())
-  _report.plot_time(payload, out_dir / "time_vs_k.png")
-  _log(f"wrote {path} and {out_dir / 'time_vs_k.png'}")
-  return payload
+  return _measure_and_plot("time_vs_k", _time_vs_k.run, _report.plot_time, size, out_dir, command)
 
 
 def table(args, size: str, out_dir: Path, command: str) -> str:
