@@ -41,7 +41,6 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from sofo_jax import training
 from sofo_jax._src import state_utils
@@ -56,13 +55,6 @@ CURVE_POINTS = 150
 
 
 WARMUP_FRACTION = 0.1
-
-
-def warmed_up(peak, warmup_steps: int):
-  """A linear warm-up from ``peak / 10`` to ``peak`` (``peak`` may be traced)."""
-  if warmup_steps < 1:
-    return peak
-  return optax.linear_schedule(0.1 * peak, peak, transition_steps=warmup_steps)
 
 def _log(msg: str) -> None:
   print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -80,7 +72,7 @@ def run_many(task, method: str, num_steps: int, settings, keys, num_tangents: in
       SOFO).
     keys: one PRNG key per run, split as ``training.fit`` splits its key.
     num_tangents: K for the forward-mode methods.
-    warmup_steps: length of the learning-rate warm-up (:func:`warmed_up`).
+    warmup_steps: length of the learning-rate warm-up (:func:`sofo_jax.training.warmup`).
 
   Returns:
     ``(losses (runs, steps), final params (stacked), nonfinite (runs,),
@@ -94,7 +86,7 @@ def run_many(task, method: str, num_steps: int, settings, keys, num_tangents: in
   def train(learning_rate, damping, key):
     init_key, data_key, tangent_key = jax.random.split(key, 3)
     optimizer = training.make_optimizer(
-        method, learning_rate=warmed_up(learning_rate, warmup_steps), key=tangent_key,
+        method, learning_rate=training.warmup(learning_rate, warmup_steps), key=tangent_key,
         num_tangents=num_tangents, damping=damping)
     params = task.init_params(init_key)
     state = optimizer.init(params)
@@ -131,7 +123,7 @@ def timed_run(task, method: str, *, key, learning_rate: float, damping: Optional
   assert max_steps % chunk == 0, (max_steps, chunk)
   init_key, data_key, tangent_key = jax.random.split(key, 3)
   optimizer = training.make_optimizer(
-      method, learning_rate=warmed_up(learning_rate, warmup_steps), key=tangent_key,
+      method, learning_rate=training.warmup(learning_rate, warmup_steps), key=tangent_key,
       num_tangents=num_tangents, damping=1e-4 if damping is None else damping)
   params = task.init_params(init_key)
   carry = (params, optimizer.init(params))

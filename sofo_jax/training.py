@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jaxtyping import ArrayLike
 
 from sofo_jax._src import forward_gradient as forward_gradient_lib
 from sofo_jax._src import state_utils
@@ -46,6 +47,35 @@ class History:
   params: Any
   settings: dict
   num_nonfinite_steps: int = 0
+
+
+def warmup(peak: ArrayLike, warmup_steps: int) -> optax.ScalarOrSchedule:
+  """A learning rate that ramps linearly from ``peak / 10`` to ``peak``.
+
+  .. math::
+
+      \\eta_t = \\eta \\left(0.1 + 0.9 \\min(t / t_w, 1)\\right).
+
+  SOFO's first exact, lightly damped Gauss–Newton steps from a random
+  initialisation can overshoot; a short warm-up lets it run at the paper's
+  learning rate of 1 afterwards.
+
+  Args:
+    peak: the learning rate after the warm-up (may be a traced scalar).
+    warmup_steps: :math:`t_w`; ``0`` returns ``peak`` itself.
+
+  Returns:
+    ``peak``, or an optax schedule.
+
+  Example:
+    >>> from sofo_jax import training
+    >>> schedule = training.warmup(1.0, 30)
+    >>> round(float(schedule(0)), 6), float(schedule(30))
+    (0.1, 1.0)
+  """
+  if warmup_steps < 1:
+    return peak
+  return optax.linear_schedule(0.1 * peak, peak, transition_steps=warmup_steps)
 
 
 def make_optimizer(
