@@ -29,6 +29,12 @@ def _arr(values) -> np.ndarray:
 
 # -- plots ------------------------------------------------------------------
 
+def _save(fig, path: Path) -> None:
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  _plt().close(fig)
+
+
 def plot_convergence(payload: dict, path: Path) -> None:
   plt = _plt()
   tasks = payload["tasks"]
@@ -70,9 +76,7 @@ def plot_convergence(payload: dict, path: Path) -> None:
     ax_it.set_title(f"{name}: mean and range over {len(entry['seeds'])} seeds (K={k})")
     ax_t.set_title(f"{name}: against time; dashed line = SOFO's time")
     ax_it.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
+  _save(fig, path)
 
 
 def plot_memory(payload: dict, path: Path) -> None:
@@ -96,9 +100,7 @@ def plot_memory(payload: dict, path: Path) -> None:
   ax.set_ylabel("MiB")
   ax.set_title("Memory of one training step (kalman RNN)")
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
+  _save(fig, path)
 
 
 def plot_time(payload: dict, path: Path) -> None:
@@ -118,9 +120,7 @@ def plot_time(payload: dict, path: Path) -> None:
   ax.set_ylabel("ms per iteration")
   ax.set_title("Time of one training step (kalman RNN)")
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
+  _save(fig, path)
 
 
 # -- tables -----------------------------------------------------------------
