@@ -18,6 +18,7 @@ from sofo_jax._src.solve import solve_damped
 from sofo_jax._src.solve import SubspaceStep
 from sofo_jax._src.state_utils import get_diagnostics
 from sofo_jax._src.state_utils import get_state
+from sofo_jax._src.step_control import StepControl
 from sofo_jax._src.tangents import sample_tangents
 from sofo_jax._src.transform import scale_by_sofo
 from sofo_jax._src.transform import ScaleBySofoState
@@ -32,6 +33,7 @@ __all__ = (
     "ScaleBySofoState",
     "Sketch",
     "SofoDiagnostics",
+    "StepControl",
     "SubspaceStep",
     "checkpoint",
     "forward_gradient",

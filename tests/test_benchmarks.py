@@ -109,3 +109,22 @@ def test_step_cost_quick(tmp_path):
     q1, q3 = row["sofo_over_jvp_iqr"]
     assert 0 < q1 <= row["sofo_over_jvp"] <= q3
   assert all(math.isfinite(x) for x in _numbers(payload))
+
+
+def test_remat_baseline_quick(tmp_path):
+  output = tmp_path / "x.json"
+  done = subprocess.run(
+      [sys.executable, str(RUN.parent / "remat_baseline.py"), "--quick", "--repeats", "2",
+       "--output", str(output)],
+      capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  payload = json.loads(output.read_text())
+  assert payload["methods"] == ["sofo", "bptt", "remat"]
+  rows = payload["rows"]
+  assert [r["T"] for r in rows] == [50, 200]
+  for row in rows:
+    for name in payload["methods"]:
+      assert row[name]["temp_bytes"] > 0 and row[name]["median_ms"] > 0
+  # Checkpointing pays off at the longer horizon.
+  assert rows[-1]["remat"]["temp_bytes"] < rows[-1]["bptt"]["temp_bytes"]
+  assert all(math.isfinite(x) for x in _numbers(payload))

@@ -109,7 +109,7 @@ def test_full_rank_sofo_equals_damped_gauss_newton(x64, model, loss_name, relati
 
   num_params = gradient.size
   opt = sofo_jax.sofo(
-      1.0, num_params, damping, key=jax.random.key(7),
+      1.0, num_params, damping, key=jax.random.key(7), adaptive=False,
       tangent_distribution="orthonormal", relative_damping=relative,
   )
   updates, state = jax.jit(lambda p, s: opt.update(None, s, p, loss_fn=loss_fn))(
@@ -172,3 +172,76 @@ def test_normalized_gaussian_tangents_have_unit_norm(x64):
   assert jnp.allclose(jnp.linalg.norm(theta, axis=1), 1.0, atol=1e-12)
   # Not orthogonal: the Gaussian draw is kept as is.
   assert jnp.max(jnp.abs(theta @ theta.T - jnp.eye(7))) > 1e-3
+
+
+def _least_squares(rng, num_rows=12, num_features=4, num_outputs=2):
+  x = rng.normal(size=(num_rows, num_features))
+  y = rng.normal(size=(num_rows, num_outputs))
+  params = {"w": jnp.asarray(rng.normal(size=(num_features, num_outputs))),
+            "b": jnp.asarray(rng.normal(size=(num_outputs,)))}
+  loss_fn = lambda p: losses.mse(x @ p["w"] + p["b"], y)
+  outputs_fn = lambda p: x @ p["w"] + p["b"]
+  loss_of_outputs = lambda out: jnp.mean(jnp.sum((out - y) ** 2, -1))
+  return params, loss_fn, outputs_fn, loss_of_outputs
+
+
+@pytest.mark.parametrize("learning_rate", [1.0, 0.5])
+def test_adaptive_full_rank_step_on_quadratic_equals_damped_gauss_newton(x64, learning_rate):
+  """On a quadratic, rho = 1 for every trial: the least damped step is taken."""
+  params, loss_fn, outputs_fn, loss_of_outputs = _least_squares(np.random.default_rng(3))
+  gradient, gauss_newton = reference.dense_gauss_newton(params, outputs_fn, loss_of_outputs)
+  damping = 1e-3
+  expected = -learning_rate * reference.damped_gauss_newton_step(
+      gradient, gauss_newton, damping, True)
+  # Without momentum: all K = P tangents are fresh and orthonormal.
+  opt = sofo_jax.sofo(learning_rate, gradient.size, damping, key=jax.random.key(2),
+                      tangent_distribution="orthonormal", momentum=False)
+  state = opt.init(params)
+  updates, state = jax.jit(lambda p, s: opt.update(None, s, p, loss_fn=loss_fn))(params, state)
+  flat_updates = ravel_pytree(updates)[0]
+  scale = jnp.max(jnp.abs(expected))
+  assert jnp.max(jnp.abs(flat_updates - expected)) <= 1e-8 * scale
+  diagnostics = sofo_jax.get_diagnostics(state)
+  assert not diagnostics.step_rejected
+  assert float(diagnostics.damping_parameter) == pytest.approx(damping)
+  assert float(diagnostics.rho) == pytest.approx(1.0, abs=1e-8)
+  # rho > 3/4: the Levenberg-Marquardt rule lowers the damping.
+  assert float(sofo_jax.get_state(state).damping) == pytest.approx(damping * 0.5)
+  # The trial loss is the loss at the updated parameters.
+  new_loss = loss_of_outputs(outputs_fn(optax.apply_updates(params, updates)))
+  assert float(diagnostics.trial_loss) == pytest.approx(float(new_loss), rel=1e-10)
+
+
+def test_adaptive_backtracks_to_a_more_damped_step(x64):
+  """A step that overshoots (lr 2.5 on a quadratic) is rejected until damped enough.
+
+  On a quadratic the loss after the step -eta w(lambda) is known in closed form;
+  the chosen trial must be the least damped one of the ladder whose loss does
+  not increase, as computed here from the dense Gauss-Newton matrix.
+  """
+  params, loss_fn, outputs_fn, loss_of_outputs = _least_squares(np.random.default_rng(4))
+  gradient, gauss_newton = reference.dense_gauss_newton(params, outputs_fn, loss_of_outputs)
+  eta, damping = 2.5, 1e-3
+  control = sofo_jax.StepControl(num_trials=4, trial_growth=10.0, revert_ratio=None)
+  start = float(loss_of_outputs(outputs_fn(params)))
+  flat_params, unravel = ravel_pytree(params)
+  ladder = [damping * 10.0**j for j in range(4)]
+  trial_losses = [
+      float(loss_of_outputs(outputs_fn(unravel(
+          flat_params - eta * reference.damped_gauss_newton_step(gradient, gauss_newton, d, True)))))
+      for d in ladder
+  ]
+  ok = [loss <= start for loss in trial_losses]
+  assert not ok[0] and any(ok)  # the problem really needs backtracking
+  chosen = ok.index(True)
+  opt = sofo_jax.sofo(eta, gradient.size, damping, key=jax.random.key(2),
+                      tangent_distribution="orthonormal", step_control=control,
+                      momentum=False)
+  state = opt.init(params)
+  updates, state = opt.update(None, state, params, loss_fn=loss_fn)
+  diagnostics = sofo_jax.get_diagnostics(state)
+  assert float(diagnostics.damping_parameter) == pytest.approx(ladder[chosen])
+  expected = -eta * reference.damped_gauss_newton_step(gradient, gauss_newton, ladder[chosen], True)
+  flat_updates = ravel_pytree(updates)[0]
+  assert jnp.max(jnp.abs(flat_updates - expected)) <= 1e-8 * jnp.max(jnp.abs(expected))
+  assert float(diagnostics.trial_loss) == pytest.approx(trial_losses[chosen], rel=1e-10)

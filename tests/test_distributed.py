@@ -56,6 +56,11 @@ def results():
   return merged
 
 
+# Step control evaluates the loss at its trial points and at the parameters
+# before the last step: one small all-reduce over the data axis.
+TRIAL_LOSSES = sofo_jax.StepControl().num_trials + 1
+
+
 def _collectives(results, model, mode, kind=None):
   found = results["models"][model]["modes"][mode]["collectives"]
   return [c for c in found if kind is None or c["kind"] == kind]
@@ -75,7 +80,9 @@ def test_parallel_updates_equal_single_device(results, model, mode):
 def test_data_parallel_all_reduces_one_plus_k_plus_k_squared(results, model):
   k = results["models"][model]["K"]
   assert _collectives(results, model, "data") == [
-      {"kind": "all-reduce", "elements": 1 + k + k * k, "count": 1}
+      {"kind": "all-reduce", "elements": 1 + k + k * k, "count": 1},
+      # Step control: the losses at the trial points and at the last point.
+      {"kind": "all-reduce", "elements": TRIAL_LOSSES, "count": 1},
   ]
 
 
@@ -106,6 +113,8 @@ def test_two_dimensional_mesh_communication(results, model):
       ("all-reduce", 1 + block * (k + 1), 1),
       # Row blocks and gradient entries over the tangent axis.
       ("all-gather", k * (k + 1), 1),
+      # Step control's trial losses, over the data axis.
+      ("all-reduce", TRIAL_LOSSES, 1),
   ])
 
 
@@ -122,11 +131,13 @@ def test_no_collective_of_parameter_size(results, model, mode):
 def test_plain_jit_with_sharded_batch_reduces_only_the_sketch(results, model):
   info = results["models"][model]
   k = info["K"]
-  (found,) = _collectives(results, model, "gspmd_jit")
-  assert found["kind"] == "all-reduce"
-  assert found["elements"] == 1 + k + k * k
-  # XLA reduces inside the user's scan: once per time step for the RNN.
-  assert found["count"] == info["T"]
+  found = _collectives(results, model, "gspmd_jit")
+  # XLA reduces inside the user's scan: once per time step for the RNN; the
+  # sketch, and step control's trial losses.
+  assert sorted((c["kind"], c["elements"], c["count"]) for c in found) == sorted([
+      ("all-reduce", 1 + k + k * k, info["T"]),
+      ("all-reduce", TRIAL_LOSSES, info["T"]),
+  ])
 
 
 def test_public_sketch_on_a_two_dimensional_mesh(results):

@@ -146,9 +146,24 @@ def test_float16_overflow_is_skipped(name):
   params = {"w": jnp.ones((3,), jnp.float16)}
   loss_fn = lambda p: losses.custom(
       p["w"].astype(jnp.float32), lambda w: 1e5 * jnp.sum(w) + 1e-6 * jnp.sum(w**2))
-  opt = (sofo_jax.sofo(1.0, 2, 0.0, key=jax.random.key(0))
+  opt = (sofo_jax.sofo(1.0, 2, 0.0, key=jax.random.key(0), adaptive=False)
          if name.startswith("sofo") else OPTIMIZERS[name]())
   assert_skipped(opt, loss_fn, params)
+
+
+def test_float16_overflow_is_rejected_by_step_control():
+  """With step control the overflowing trials have non-finite losses: rejected."""
+  params = {"w": jnp.ones((3,), jnp.float16)}
+  loss_fn = lambda p: losses.custom(
+      p["w"].astype(jnp.float32), lambda w: 1e5 * jnp.sum(w) + 1e-6 * jnp.sum(w**2))
+  opt = sofo_jax.sofo(1.0, 2, 0.0, key=jax.random.key(0))
+  state = opt.init(params)
+  updates, state = jax.jit(lambda p, s: opt.update(None, s, p, loss_fn=loss_fn))(params, state)
+  jax.tree.map(np.testing.assert_array_equal, optax.apply_updates(params, updates), params)
+  diagnostics = sofo_jax.get_diagnostics(state)
+  assert bool(diagnostics.step_rejected)
+  assert int(diagnostics.num_rejected_steps) == 1
+  assert jax.tree.leaves(optax.apply_updates(params, updates))[0].dtype == jnp.float16
 
 
 # Degenerate but finite sketches ------------------------------------------------
@@ -255,7 +270,7 @@ def test_bad_concrete_damping_is_rejected_eagerly(damping):
 def test_bad_injected_damping_skips_the_step(damping):
   """A traced damping (inject_hyperparams) cannot be checked eagerly."""
   opt = optax.inject_hyperparams(sofo_jax.sofo, static_args=("num_tangents", "key"))(
-      learning_rate=1.0, num_tangents=3, damping=1e-3, key=jax.random.key(0))
+      learning_rate=1.0, num_tangents=3, damping=1e-3, key=jax.random.key(0), adaptive=False)
   state = opt.init(PARAMS)
   state.hyperparams["damping"] = jnp.asarray(damping)
   new_params, state, updates = train_step(opt)(PARAMS, state, X, Y)

@@ -120,8 +120,9 @@ def test_lax_scan_over_updates_matches_python_loop(name):
 
 def test_inject_hyperparams_changes_learning_rate_and_damping():
   params, loss_fn = _regression()
+  # The paper's fixed damping: injected values act on every step.
   opt = optax.inject_hyperparams(sofo_jax.sofo, static_args=("num_tangents", "key"))(
-      learning_rate=1.0, num_tangents=5, damping=1e-3, key=jax.random.key(0))
+      learning_rate=1.0, num_tangents=5, damping=1e-3, key=jax.random.key(0), adaptive=False)
   state = opt.init(params)
   update = jax.jit(lambda p, s: opt.update(None, s, p, loss_fn=loss_fn))
   u1, s1 = update(params, state)
@@ -149,8 +150,8 @@ def test_inject_hyperparams_without_static_num_tangents_says_what_to_do():
 def test_schedule_learning_rate():
   params, loss_fn = _regression()
   schedule = optax.exponential_decay(1.0, transition_steps=1, decay_rate=0.5)
-  with_schedule = sofo_jax.sofo(schedule, 5, key=jax.random.key(0))
-  constant = sofo_jax.sofo(1.0, 5, key=jax.random.key(0))
+  with_schedule = sofo_jax.sofo(schedule, 5, key=jax.random.key(0), adaptive=False)
+  constant = sofo_jax.sofo(1.0, 5, key=jax.random.key(0), adaptive=False)
   s_sched, s_const = with_schedule.init(params), constant.init(params)
   u_sched, s_sched = with_schedule.update(None, s_sched, params, loss_fn=loss_fn)
   u_const, s_const = constant.update(None, s_const, params, loss_fn=loss_fn)
@@ -204,7 +205,7 @@ def test_apply_if_finite_composes():
   # apply_if_finite inspects the incoming updates and needs their structure:
   # with SOFO pass a zero tree (SOFO ignores it) instead of None.
   params, loss_fn = _regression()
-  plain = sofo_jax.sofo(1.0, 4, key=jax.random.key(0))
+  plain = sofo_jax.sofo(1.0, 4, key=jax.random.key(0), adaptive=False)
   opt = optax.apply_if_finite(plain, 3)
   state = opt.init(params)
 
@@ -314,7 +315,8 @@ def test_has_aux_returns_aux_and_loss_without_second_pass():
     return losses.mse(preds, y), {"mean_prediction": jnp.mean(preds)}
 
   example = {"mean_prediction": jax.ShapeDtypeStruct((), jnp.float32)}
-  opt = sofo_jax.sofo(1.0, 4, key=jax.random.key(0), has_aux=True, aux_example=example)
+  opt = sofo_jax.sofo(1.0, 4, key=jax.random.key(0), has_aux=True, aux_example=example,
+                      adaptive=False)
   state = opt.init(params)
   assert float(state[0].aux["mean_prediction"]) == 0.0
   _, new_state = jax.jit(lambda p, s: opt.update(None, s, p, loss_fn=loss_fn))(params, state)

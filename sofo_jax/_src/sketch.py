@@ -67,6 +67,12 @@ def _as_loss(output: Any, has_aux: bool) -> tuple[losses_lib.Loss, Any]:
   return loss, aux
 
 
+def loss_value(loss_fn: Callable[..., Any], params: Any, has_aux: bool = False):
+  """The closure's scalar loss value at ``params`` (a plain forward pass)."""
+  loss, _ = _as_loss(loss_fn(params), has_aux)
+  return loss.value
+
+
 def sketch_leaves(
     loss_fn: Callable[..., Any],
     part: tree_lib.Partition,

@@ -29,6 +29,108 @@ class SubspaceStep(NamedTuple):
   finite: Bool[Array, ""]
 
 
+class Eigensystem(NamedTuple):
+  """The sketched Gauss–Newton matrix in its eigenbasis, cleaned for solving.
+
+  Attributes:
+    eigenvalues: :math:`S`, ascending, clipped at 0, with round-off-level
+      values set to exactly 0.
+    eigenvectors: :math:`U`.
+    projected_gradient: :math:`U^\\top \\tilde g`.
+    max_eigenvalue: :math:`s_{\\max}`.
+    cutoff: :math:`K\\varepsilon\\, s_{\\max}`, the round-off level.
+    finite: whether the inputs were finite (otherwise everything is zero).
+  """
+
+  eigenvalues: Float[Array, " k"]
+  eigenvectors: Float[Array, "k k"]
+  projected_gradient: Float[Array, " k"]
+  max_eigenvalue: Float[Array, ""]
+  cutoff: Float[Array, ""]
+  finite: Bool[Array, ""]
+
+
+def eigensystem(
+    gradient: Float[Array, " k"], gauss_newton: Float[Array, "k k"]
+) -> Eigensystem:
+  """Eigendecomposes :math:`\\tilde G` once, so that any damping is cheap.
+
+  A non-finite input gives an all-zero system with ``finite = False``:
+  nothing non-finite reaches ``eigh``. Runs in at least float32.
+  """
+  dtype = jnp.promote_types(gradient.dtype, jnp.float32)
+  gradient = gradient.astype(dtype)
+  gauss_newton = gauss_newton.astype(dtype)
+  finite = jnp.all(jnp.isfinite(gradient)) & jnp.all(jnp.isfinite(gauss_newton))
+  gradient = jnp.where(finite, gradient, 0.0)
+  gauss_newton = jnp.where(finite, gauss_newton, 0.0)
+  eigenvalues, eigenvectors = jnp.linalg.eigh(gauss_newton)
+  # Round-off can make a PSD matrix's smallest eigenvalues slightly negative.
+  eigenvalues = jnp.maximum(eigenvalues, 0.0)
+  max_eigenvalue = eigenvalues[-1]
+  # Below this, an eigenvalue (and the gradient along its eigenvector) is
+  # round-off: dividing by it would turn noise into a step.
+  cutoff = max_eigenvalue * gradient.shape[0] * jnp.finfo(dtype).eps
+  eigenvalues = jnp.where(eigenvalues > cutoff, eigenvalues, 0.0)
+  return Eigensystem(
+      eigenvalues=eigenvalues,
+      eigenvectors=eigenvectors,
+      projected_gradient=eigenvectors.T @ gradient,
+      max_eigenvalue=max_eigenvalue,
+      cutoff=cutoff,
+      finite=finite,
+  )
+
+
+def damped_coefficients(
+    system: Eigensystem, absolute_damping: ArrayLike
+) -> tuple[Float[Array, " k"], Bool[Array, ""]]:
+  """:math:`w = U (S + \\lambda I)^{-1} U^\\top\\tilde g` for an absolute damping.
+
+  Directions whose damped eigenvalue is still at round-off level get a zero
+  coefficient (a truncated pseudo-inverse). A damping that is negative or
+  not finite, or a solve that overflows, gives ``w = 0`` and False.
+  """
+  damping = jnp.asarray(absolute_damping, system.eigenvalues.dtype)
+  valid = jnp.isfinite(damping) & (damping >= 0)
+  denominator = system.eigenvalues + jnp.where(valid, damping, 0.0)
+  positive = denominator > system.cutoff
+  inverse = jnp.where(positive, 1.0 / jnp.where(positive, denominator, 1.0), 0.0)
+  coefficients = system.eigenvectors @ (inverse * system.projected_gradient)
+  # Guards against overflow in the solve itself (e.g. a huge gradient).
+  finite = valid & jnp.all(jnp.isfinite(coefficients))
+  return jnp.where(finite, coefficients, 0.0), finite
+
+
+def model_decrease(
+    gradient: Float[Array, " k"],
+    gauss_newton: Float[Array, "k k"],
+    coefficients: Float[Array, " k"],
+    learning_rate: ArrayLike = 1.0,
+) -> Float[Array, ""]:
+  """Decrease of the quadratic model for the step :math:`-\\eta\\,\\Theta w`.
+
+  .. math::
+
+      \\eta\\, \\tilde g^\\top w - \\tfrac{\\eta^2}{2}\\, w^\\top \\tilde G w.
+  """
+  dtype = coefficients.dtype
+  gradient = jnp.where(jnp.isfinite(gradient), gradient, 0.0).astype(dtype)
+  gauss_newton = jnp.where(jnp.isfinite(gauss_newton), gauss_newton, 0.0).astype(dtype)
+  eta = jnp.asarray(learning_rate, dtype)
+  return eta * (gradient @ coefficients) - 0.5 * eta**2 * (
+      coefficients @ (gauss_newton @ coefficients)
+  )
+
+
+def absolute_damping(
+    damping: ArrayLike, system: Eigensystem, relative_damping: bool
+) -> Float[Array, ""]:
+  """:math:`\\lambda s_{\\max}` (relative) or :math:`\\lambda` (absolute)."""
+  damping = jnp.asarray(damping, system.eigenvalues.dtype)
+  return damping * system.max_eigenvalue if relative_damping else damping
+
+
 def solve_damped(
     gradient: Float[Array, " k"],
     gauss_newton: Float[Array, "k k"],
@@ -72,40 +174,14 @@ def solve_damped(
     >>> step.coefficients
     Array([1. , 0.5], dtype=float32)
   """
-  dtype = jnp.promote_types(gradient.dtype, jnp.float32)
-  gradient = gradient.astype(dtype)
-  gauss_newton = gauss_newton.astype(dtype)
-  damping = jnp.asarray(damping, dtype)
-  finite = jnp.all(jnp.isfinite(gradient)) & jnp.all(jnp.isfinite(gauss_newton))
-  # A traced damping cannot be checked eagerly; a bad one skips the step.
-  finite = finite & jnp.isfinite(damping) & (damping >= 0)
-  gradient = jnp.where(finite, gradient, 0.0)
-  gauss_newton = jnp.where(finite, gauss_newton, 0.0)
-
-  eigenvalues, eigenvectors = jnp.linalg.eigh(gauss_newton)
-  # Round-off can make a PSD matrix's smallest eigenvalues slightly negative.
-  eigenvalues = jnp.maximum(eigenvalues, 0.0)
-  max_eigenvalue = eigenvalues[-1]
-  # Below this, an eigenvalue (and the gradient along its eigenvector) is
-  # round-off: dividing by it would turn noise into a step.
-  cutoff = max_eigenvalue * gradient.shape[0] * jnp.finfo(dtype).eps
-  eigenvalues = jnp.where(eigenvalues > cutoff, eigenvalues, 0.0)
-  effective_damping = damping * max_eigenvalue if relative_damping else damping
-  denominator = eigenvalues + effective_damping
-  positive = denominator > cutoff
-  inverse = jnp.where(positive, 1.0 / jnp.where(positive, denominator, 1.0), 0.0)
-  coefficients = eigenvectors @ (inverse * (eigenvectors.T @ gradient))
-  # Guards against overflow in the solve itself (e.g. a huge gradient).
-  solved_finite = jnp.all(jnp.isfinite(coefficients))
-  coefficients = jnp.where(solved_finite, coefficients, 0.0)
-  predicted = gradient @ coefficients - 0.5 * coefficients @ (
-      gauss_newton @ coefficients
-  )
+  system = eigensystem(gradient, gauss_newton)
+  effective_damping = absolute_damping(damping, system, relative_damping)
+  coefficients, solved = damped_coefficients(system, effective_damping)
   return SubspaceStep(
       coefficients=coefficients,
-      eigenvalues=eigenvalues,
-      max_eigenvalue=max_eigenvalue,
+      eigenvalues=system.eigenvalues,
+      max_eigenvalue=system.max_eigenvalue,
       damping=effective_damping,
-      predicted_decrease=predicted,
-      finite=finite & solved_finite,
+      predicted_decrease=model_decrease(gradient, gauss_newton, coefficients),
+      finite=system.finite & solved,
   )

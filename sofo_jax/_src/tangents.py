@@ -201,6 +201,23 @@ def zero_if_nonfinite(leaves: list) -> tuple[list, Bool[Array, ""]]:
   return [jnp.where(finite, leaf, jnp.zeros((), leaf.dtype)) for leaf in leaves], finite
 
 
+def normalize_stack(leaves: list) -> list:
+  """Scales each of the stacked vectors (leading axis) to unit norm over all leaves.
+
+  A zero vector stays zero, so it contributes nothing to a sketch.
+  """
+  squared = functools.reduce(jnp.add, [
+      jnp.sum(jnp.square(leaf.astype(_compute_dtype(leaf.dtype))).reshape(leaf.shape[0], -1), axis=1)
+      for leaf in leaves
+  ])
+  scale = _safe_rsqrt(squared)
+  return [
+      (leaf.astype(_compute_dtype(leaf.dtype))
+       * scale.reshape((-1,) + (1,) * (leaf.ndim - 1))).astype(leaf.dtype)
+      for leaf in leaves
+  ]
+
+
 def combine(coefficients: Float[Array, " k"], tangent_leaves: list) -> list:
   """:math:`\\Theta w` leaf by leaf, in each leaf's dtype."""
   return [

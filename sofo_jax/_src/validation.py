@@ -29,6 +29,27 @@ def check_damping(damping: Any, owner: str) -> None:
     raise ValueError(f"{owner}: damping must be finite and >= 0; got {value}.")
 
 
+def check_learning_rate(learning_rate: Any, owner: str) -> None:
+  """Rejects a concrete learning rate that is not a finite scalar > 0.
+
+  Schedules (callables) and traced values are checked only for being
+  callables or scalars.
+  """
+  if callable(learning_rate):
+    return
+  try:
+    value = np.asarray(learning_rate)
+  except jax.errors.TracerArrayConversionError:
+    return
+  if value.shape != () or not np.issubdtype(value.dtype, np.number):
+    raise TypeError(
+        f"{owner}: learning_rate must be a real scalar or an optax schedule; "
+        f"got {type(learning_rate).__name__}."
+    )
+  if not (np.isfinite(value) and value >= 0):
+    raise ValueError(f"{owner}: learning_rate must be finite and >= 0; got {value}.")
+
+
 def check_loss_fn(loss_fn: Optional[Callable], owner: str, extra_args: dict) -> None:
   if loss_fn is None:
     others = f" (received extra arguments {sorted(extra_args)})" if extra_args else ""
