@@ -206,7 +206,8 @@ def test_adaptive_full_rank_step_on_quadratic_equals_damped_gauss_newton(x64, le
   assert float(diagnostics.damping_parameter) == pytest.approx(damping)
   assert float(diagnostics.rho) == pytest.approx(1.0, abs=1e-8)
   # rho > 3/4: the Levenberg-Marquardt rule lowers the damping.
-  assert float(sofo_jax.get_state(state).damping) == pytest.approx(damping * 0.5)
+  assert float(sofo_jax.get_state(state).damping) == pytest.approx(
+      damping * sofo_jax.StepControl().decrease)
   # The trial loss is the loss at the updated parameters.
   new_loss = loss_of_outputs(outputs_fn(optax.apply_updates(params, updates)))
   assert float(diagnostics.trial_loss) == pytest.approx(float(new_loss), rel=1e-10)

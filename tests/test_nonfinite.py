@@ -204,7 +204,7 @@ def test_k_above_p_without_damping_is_the_exact_gauss_newton_step(num_tangents):
   with no damping solves linear least squares, even with K > P (a
   rank-deficient K×K sketch)."""
   opt = sofo_jax.sofo(1.0, num_tangents, 0.0, key=jax.random.key(1),
-                      tangent_distribution="orthonormal")
+                      tangent_distribution="orthonormal", momentum=False)
   new_params, state, _ = train_step(opt)(PARAMS, opt.init(PARAMS), X, Y)
   np.testing.assert_allclose(new_params["w"], W_TRUE, atol=1e-4)
   np.testing.assert_allclose(new_params["b"], 0.0, atol=1e-4)

@@ -4,9 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import sofo_jax
+import sofo_jax.tasks
 from sofo_jax import losses
+from sofo_jax import training
 
 
 def test_linear_least_squares_solved_in_three_steps():
@@ -99,3 +102,31 @@ def test_sofo_beats_tuned_adam_on_a_slow_rnn():
   print(f"Adam final losses by learning rate: {adam}; SOFO (K=64): {sofo}")
   assert np.isfinite(sofo)
   assert sofo < 0.5 * best_adam
+
+
+RNN_TASKS = ("flip_flop", "lorenz", "kalman", "double_reach", "delayed_addition")
+
+
+@pytest.mark.parametrize("method", ["fgd", "sgd"])
+@pytest.mark.parametrize("name", RNN_TASKS)
+def test_fit_defaults_train_forward_gradient_and_sgd(name, method):
+  """training.fit gives FGD and SGD rates of their own: no blow-up at quick size.
+
+  (SOFO at its defaults is pinned in test_step_control.py.)
+  """
+  module = sofo_jax.tasks.TASKS[name]
+  task = module.make(module.Config.quick())
+  history = training.fit(task, method, 20, key=jax.random.key(0), progress=False, chunk_size=20)
+  assert history.settings["learning_rate"] == training.DEFAULT_LEARNING_RATES[method]
+  assert np.all(np.isfinite(history.losses))
+  assert np.max(history.losses) <= 3 * history.losses[0]
+
+
+def test_fit_passes_sofo_options_and_rejects_them_for_other_methods():
+  task = sofo_jax.tasks.flip_flop.make(sofo_jax.tasks.flip_flop.Config.quick())
+  history = training.fit(task, "sofo", 2, key=jax.random.key(0), progress=False, adaptive=False)
+  assert history.settings["adaptive"] is False
+  with pytest.raises(ValueError, match="SOFO only"):
+    training.fit(task, "adam", 2, key=jax.random.key(0), progress=False, adaptive=False)
+  with pytest.raises(ValueError, match="method must be one of"):
+    training.fit(task, "lbfgs", 2, key=jax.random.key(0), progress=False)

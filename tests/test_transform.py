@@ -1,6 +1,5 @@
 """The optimizer common suite and composition with optax, equinox and JAX."""
 
-import functools
 
 import equinox as eqx
 import jax

@@ -42,7 +42,7 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Bool, Float, Int
+from jaxtyping import Array, ArrayLike, Bool, Float
 
 from sofo_jax._src import solve as solve_lib
 

@@ -14,6 +14,7 @@ from sofo_jax._src import sketch as sketch_lib
 from sofo_jax._src import solve as solve_lib
 from sofo_jax._src import spmd
 from sofo_jax._src import step_control as step_control_lib
+from sofo_jax._src import steps as steps_lib
 from sofo_jax._src import tangents as tangents_lib
 from sofo_jax._src import tree as tree_lib
 from sofo_jax._src import validation
@@ -124,101 +125,6 @@ def _zeros_like_example(example: Any) -> Any:
   return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), example)
 
 
-def _trial_losses(loss_fn, part, offsets, has_aux, data_axis_name):
-  """Losses at :math:`\\theta + \\delta_j` for each stacked offset :math:`\\delta_j`.
-
-  One batched forward pass of the closure over all trial points; the trial
-  parameters are formed as ``optax.apply_updates`` would, in each leaf's
-  dtype.
-  """
-  def one(offset):
-    trial = [(p + d).astype(p.dtype) for p, d in zip(part.trainable, offset)]
-    return sketch_lib.loss_value(loss_fn, part.rebuild(trial), has_aux)
-
-  losses = jax.vmap(one)(offsets)
-  if data_axis_name is not None:
-    losses = jax.lax.pmean(losses, data_axis_name)
-  return losses
-
-
-class _Outcome(NamedTuple):
-  """What adaptive step control decided in one update."""
-
-  direction: list
-  damping: Float[Array, ""]
-  next_damping: Float[Array, ""]
-  rho: Float[Array, ""]
-  rejected: Bool[Array, ""]
-  reverted: Bool[Array, ""]
-  trial_loss: Float[Array, ""]
-  predicted_decrease: Float[Array, ""]
-  finite: Bool[Array, ""]
-  last_update: Optional[tuple]
-
-
-def _is_spike(loss, previous_loss, ratio):
-  """Whether ``loss`` exceeds ``ratio`` times ``previous_loss``.
-
-  Written as an increase relative to ``|previous_loss|``, so that it also
-  reads right for losses that can be negative. A non-finite ``loss`` is a
-  spike when ``previous_loss`` is finite.
-  """
-  bound = previous_loss + (ratio - 1.0) * jnp.abs(previous_loss)
-  return jnp.isfinite(previous_loss) & ~(loss <= bound)
-
-
-def _adaptive_step(settings, state, part, loss_fn, tangent_leaves, sketch, gradient,
-                   system, learning_rate, relative_damping, has_aux, data_axis_name):
-  """Step control: the ladder of trials, the choice, and the next-batch check."""
-  eta = learning_rate(state.count) if callable(learning_rate) else learning_rate
-  trials = step_control_lib.ladder(
-      settings, system, gradient, sketch.gauss_newton, state.damping, eta,
-      relative_damping,
-  )
-  steps = jax.vmap(lambda w: tangents_lib.combine(w, tangent_leaves))(trials.coefficients)
-  offsets = [-jnp.asarray(eta, d.dtype) * d for d in steps]
-  checks_last = settings.revert_ratio is not None
-  if checks_last:
-    # One more trial point: the parameters before the last step.
-    offsets = [jnp.concatenate([d, -u[None]]) for d, u in zip(offsets, state.last_update)]
-  losses = _trial_losses(loss_fn, part, offsets, has_aux, data_axis_name)
-  chosen = step_control_lib.choose(
-      settings, trials, losses[:settings.num_trials], sketch.value, system.finite
-  )
-  direction = tangents_lib.combine(chosen.coefficients, tangent_leaves)
-  predicted = solve_lib.model_decrease(gradient, sketch.gauss_newton, chosen.coefficients)
-  if not checks_last:
-    return _Outcome(direction, chosen.damping, chosen.next_damping, chosen.rho,
-                    chosen.rejected, jnp.array(False), chosen.trial_loss, predicted,
-                    system.finite, None)
-  previous_loss = losses[-1]
-  reverted = _is_spike(sketch.value, previous_loss, settings.revert_ratio)
-  # The chain multiplies this transform's output by -eta: hand it the last
-  # update over eta, and the parameters go back to where they were.
-  inverse_eta = jnp.where(jnp.asarray(eta) > 0, 1.0 / jnp.asarray(eta), 0.0)
-  undo = [(u * inverse_eta.astype(u.dtype)).astype(u.dtype) for u in state.last_update]
-  direction = [jnp.where(reverted, r, d) for r, d in zip(undo, direction)]
-  taken = tuple(
-      jnp.where(reverted, jnp.zeros_like(u), -jnp.asarray(eta, d.dtype) * d).astype(u.dtype)
-      for u, d in zip(state.last_update, direction)
-  )
-  dtype = chosen.next_damping.dtype
-  raised = jnp.clip(jnp.asarray(state.damping, dtype) * settings.trial_growth,
-                    settings.min_damping, settings.max_damping)
-  return _Outcome(
-      direction=direction,
-      damping=jnp.where(reverted, jnp.asarray(state.damping, dtype), chosen.damping),
-      next_damping=jnp.where(reverted, raised, chosen.next_damping),
-      rho=jnp.where(reverted, jnp.nan, chosen.rho),
-      rejected=chosen.rejected & ~reverted,
-      reverted=reverted,
-      trial_loss=jnp.where(reverted, previous_loss, chosen.trial_loss),
-      predicted_decrease=jnp.where(reverted, 0.0, predicted),
-      finite=system.finite | reverted,
-      last_update=taken,
-  )
-
-
 def _check_num_recycled(num_recycled) -> int:
   # None, not 0, is the default so that optax.inject_hyperparams leaves it
   # alone: it fixes shapes and must stay a Python int.
@@ -233,41 +139,6 @@ def _check_num_recycled(num_recycled) -> int:
   if num_recycled < 0:
     raise ValueError(f"num_recycled must be >= 0; got {num_recycled}.")
   return num_recycled
-
-
-def _top_directions(system, tangent_leaves, count, previous):
-  """The ``count`` highest-curvature directions :math:`\\Theta u_i`, normalised.
-
-  A non-finite sketch keeps the previous ones.
-  """
-  if not count:
-    return None
-  top = system.eigenvectors[:, -count:].T  # (count, K), largest last
-  directions = jax.vmap(lambda w: tangents_lib.combine(w, tangent_leaves))(top)
-  directions = tangents_lib.normalize_stack(directions)
-  return tuple(jnp.where(system.finite, d, p) for d, p in zip(directions, previous))
-
-
-def _fixed_step(damping, system, gradient, gauss_newton, tangent_leaves, relative_damping):
-  """The paper's step: one fixed damping, no trials."""
-  # The closure's damping, not a stored one: an injected damping
-  # (optax.inject_hyperparams) may change from step to step.
-  coefficients, solved = solve_lib.damped_coefficients(
-      system, solve_lib.absolute_damping(damping, system, relative_damping)
-  )
-  nan = jnp.full((), jnp.nan, system.eigenvalues.dtype)
-  return _Outcome(
-      direction=tangents_lib.combine(coefficients, tangent_leaves),
-      damping=jnp.asarray(damping, system.eigenvalues.dtype),
-      next_damping=jnp.asarray(damping, system.eigenvalues.dtype),
-      rho=nan,
-      rejected=jnp.array(False),
-      reverted=jnp.array(False),
-      trial_loss=nan,
-      predicted_decrease=solve_lib.model_decrease(gradient, gauss_newton, coefficients),
-      finite=system.finite & solved,
-      last_update=None,
-  )
 
 
 def scale_by_sofo(
@@ -398,7 +269,7 @@ def scale_by_sofo(
     >>> params = {"w": jnp.zeros((3, 1))}
     >>> loss_fn = lambda p: sofo_jax.losses.mse(x @ p["w"], y)
     >>> opt = optax.chain(
-    ...     sofo_jax.scale_by_sofo(3, 1e-6, key=jax.random.key(0),
+    ...     sofo_jax.scale_by_sofo(3, 1e-6, key=jax.random.key(0), momentum=False,
     ...                            tangent_distribution="orthonormal"),
     ...     optax.scale_by_learning_rate(1.0))
     >>> state = opt.init(params)
@@ -496,12 +367,12 @@ def scale_by_sofo(
     gradient = jnp.where(value_is_finite, sketch.gradient, jnp.nan)
     system = solve_lib.eigensystem(gradient, sketch.gauss_newton)
     if adaptive:
-      outcome = _adaptive_step(
+      outcome = steps_lib.controlled_step(
           step_control, state, part, loss_fn, tangent_leaves, sketch, gradient,
           system, learning_rate, relative_damping, has_aux, data_axis_name,
       )
     else:
-      outcome = _fixed_step(
+      outcome = steps_lib.fixed_step(
           damping, system, gradient, sketch.gauss_newton, tangent_leaves, relative_damping
       )
     direction, direction_is_finite = tangents_lib.zero_if_nonfinite(outcome.direction)
@@ -543,7 +414,7 @@ def scale_by_sofo(
         key=next_key,
         damping=jnp.asarray(outcome.next_damping, dtype),
         last_update=last_update,
-        recycled=_top_directions(system, tangent_leaves, num_recycled, state.recycled),
+        recycled=steps_lib.top_directions(system, tangent_leaves, num_recycled, state.recycled),
         diagnostics=diagnostics,
         aux=aux,
     )
