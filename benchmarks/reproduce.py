@@ -341,12 +341,62 @@ def plot_hand_paths(task, params_by_method: dict, path: Path) -> None:
   plt.close(fig)
 
 
+def _g(value) -> str:
+  return "–" if value is None else f"{value:.3g}"
+
+
+def _median_steps(steps: list) -> str:
+  reached = [s for s in steps if s is not None]
+  if not reached:
+    return f"not reached (0/{len(steps)})"
+  return f"{int(np.median(reached))} ({len(reached)}/{len(steps)})"
+
+
+def report(payload: dict) -> str:
+  """Markdown tables of a reproduction JSON (``--table``)."""
+  lines = [
+      "| task | iterations | SOFO defaults (3 seeds) | SOFO paper, fixed damping (seed 0) "
+      "| SOFO tuned (seed 0) | Adam best of grid (3 seeds) | defaults / tuned (seed 0) "
+      "| defaults / Adam |",
+      "|---|---|---|---|---|---|---|---|",
+  ]
+  for name, t in payload["tasks"].items():
+    d, p, tu, a = (t[m] for m in ("sofo_defaults", "sofo_paper", "sofo_tuned", "adam"))
+    edge = ", at grid edge" if a["at_grid_edge"] else ""
+    lines.append(
+        f"| {name} | {t['steps']} | {_g(d['final_loss'])} | {_g(p['final_loss'])} "
+        f"(max/first {_g(p['max_over_first'])}) | {_g(tu['final_loss'])} (lr {tu['learning_rate']:g}, "
+        f"λ {tu['damping']:g}) | {_g(a['final_loss'])} (lr {a['learning_rate']:g}{edge}) "
+        f"| {_g(d['final_loss_per_seed'][0] / tu['final_loss'])} "
+        f"| {_g(d['final_loss'] / a['final_loss'])} |")
+  lines += [
+      "",
+      "| task | target | iterations to target, SOFO defaults | Adam | max loss / first, SOFO defaults "
+      "| eval loss SOFO / Adam | SOFO time for N it. (3 seeds) | Adam at equal time: it., loss |",
+      "|---|---|---|---|---|---|---|---|",
+  ]
+  for name, t in payload["tasks"].items():
+    d, a, eq = t["sofo_defaults"], t["adam"], t["adam_equal_wall_clock"]
+    lines.append(
+        f"| {name} | {_g(t['target'])} | {_median_steps(d['steps_to_target'])} "
+        f"| {_median_steps(a['steps_to_target'])} | {_g(d['max_over_first'])} "
+        f"| {_g(float(np.mean(d['eval']['loss'])))} / {_g(float(np.mean(a['eval']['loss'])))} "
+        f"| {eq['sofo_seconds']:.0f} s | {eq['steps']}, {_g(eq['final_loss'])} |")
+  return "\n".join(lines)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--tasks", default=",".join(TASKS))
   parser.add_argument("--output", default=None, help="JSON path")
+  parser.add_argument("--table", action="store_true",
+                      help="print the markdown tables of an existing JSON and exit")
   args = parser.parse_args(argv)
+  if args.table:
+    path = Path(args.output) if args.output else _harness.RESULTS / "reproduction.json"
+    print(report(json.loads(path.read_text())))
+    return 0
   global NUM_TANGENTS
   if args.quick:
     NUM_TANGENTS = 8

@@ -93,14 +93,17 @@ def test_results_markdown(quick_results):
   assert "### Targets" in text and "flip_flop" in text and "run.py all --quick" in text
 
 
-def test_step_cost_quick(tmp_path):
-  output = tmp_path / "step_cost.json"
+def _run_script(script: str, output, *args: str) -> dict:
+  """Runs a benchmark script in quick mode and returns the JSON it wrote."""
   done = subprocess.run(
-      [sys.executable, str(RUN.parent / "step_cost.py"), "--quick", "--repeats", "2",
-       "--output", str(output)],
-      capture_output=True, text=True, timeout=300, check=False)
+      [sys.executable, str(RUN.parent / script), "--quick", *args, "--output", str(output)],
+      capture_output=True, text=True, timeout=600, check=False)
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-  payload = json.loads(output.read_text())
+  return json.loads(output.read_text())
+
+
+def test_step_cost_quick(tmp_path):
+  payload = _run_script("step_cost.py", tmp_path / "step_cost.json", "--repeats", "2")
   assert [r["K"] for r in payload["rows"]] == [4, 8]
   for row in payload["rows"]:
     for name in ("jvp", "sofo", "adam_bptt", "sketch", "tangent_draw"):
@@ -112,13 +115,7 @@ def test_step_cost_quick(tmp_path):
 
 
 def test_remat_baseline_quick(tmp_path):
-  output = tmp_path / "x.json"
-  done = subprocess.run(
-      [sys.executable, str(RUN.parent / "remat_baseline.py"), "--quick", "--repeats", "2",
-       "--output", str(output)],
-      capture_output=True, text=True, timeout=300, check=False)
-  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-  payload = json.loads(output.read_text())
+  payload = _run_script("remat_baseline.py", tmp_path / "x.json", "--repeats", "2")
   assert payload["methods"] == ["sofo", "bptt", "remat"]
   rows = payload["rows"]
   assert [r["T"] for r in rows] == [50, 200]
@@ -128,3 +125,20 @@ def test_remat_baseline_quick(tmp_path):
   # Checkpointing pays off at the longer horizon.
   assert rows[-1]["remat"]["temp_bytes"] < rows[-1]["bptt"]["temp_bytes"]
   assert all(math.isfinite(x) for x in _numbers(payload))
+
+
+def test_reproduction_quick(tmp_path):
+  payload = _run_script("reproduce.py", tmp_path / "reproduction.json", "--tasks", "flip_flop")
+  task = payload["tasks"]["flip_flop"]
+  for method in ("sofo_defaults", "sofo_paper", "sofo_tuned", "adam"):
+    assert math.isfinite(task[method]["final_loss"]) and task[method]["ms_per_step"] > 0
+  assert len(task["adam"]["grid"]) == 7
+  assert (tmp_path / "reproduction.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_defaults_check_quick(tmp_path):
+  payload = _run_script("defaults_check.py", tmp_path / "defaults.json", "--seeds", "1",
+                        "--steps", "10", "--tasks", "flip_flop",
+                        "--variants", "defaults,paper_fixed_damping")
+  assert {row["variant"] for row in payload["runs"]} == {"defaults", "paper_fixed_damping"}
+  assert payload["summary"]["defaults"]["runs"] == 1

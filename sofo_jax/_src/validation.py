@@ -10,44 +10,41 @@ import numpy as np
 from sofo_jax._src import tree as tree_lib
 
 
+def _check_nonnegative_scalar(value: Any, name: str, owner: str, kind: str) -> None:
+  """Rejects a concrete value that is not a finite real scalar >= 0.
+
+  A traced value (``optax.inject_hyperparams``) cannot be checked here.
+  """
+  try:
+    array = np.asarray(value)
+  except jax.errors.TracerArrayConversionError:
+    return
+  if array.shape != () or not np.issubdtype(array.dtype, np.number):
+    raise TypeError(
+        f"{owner}: {name} must be {kind}; got {type(value).__name__} "
+        f"of shape {array.shape} and dtype {array.dtype}."
+    )
+  if not (np.isfinite(array) and array >= 0):
+    raise ValueError(f"{owner}: {name} must be finite and >= 0; got {array}.")
+
+
 def check_damping(damping: Any, owner: str) -> None:
   """Rejects a concrete damping that is not a finite scalar >= 0.
 
-  A traced damping (``optax.inject_hyperparams``) cannot be checked here; the
-  solve then skips the step instead (``step_is_finite`` is False).
+  A traced damping cannot be checked here; the solve then skips the step
+  instead (``step_is_finite`` is False).
   """
-  try:
-    value = np.asarray(damping)
-  except jax.errors.TracerArrayConversionError:
-    return
-  if value.shape != () or not np.issubdtype(value.dtype, np.number):
-    raise TypeError(
-        f"{owner}: damping must be a real scalar; got {type(damping).__name__} "
-        f"of shape {value.shape} and dtype {value.dtype}."
-    )
-  if not (np.isfinite(value) and value >= 0):
-    raise ValueError(f"{owner}: damping must be finite and >= 0; got {value}.")
+  _check_nonnegative_scalar(damping, "damping", owner, "a real scalar")
 
 
 def check_learning_rate(learning_rate: Any, owner: str) -> None:
-  """Rejects a concrete learning rate that is not a finite scalar > 0.
+  """Rejects a concrete learning rate that is not a finite scalar >= 0.
 
-  Schedules (callables) and traced values are checked only for being
-  callables or scalars.
+  A schedule (a callable) is accepted as it is.
   """
-  if callable(learning_rate):
-    return
-  try:
-    value = np.asarray(learning_rate)
-  except jax.errors.TracerArrayConversionError:
-    return
-  if value.shape != () or not np.issubdtype(value.dtype, np.number):
-    raise TypeError(
-        f"{owner}: learning_rate must be a real scalar or an optax schedule; "
-        f"got {type(learning_rate).__name__}."
-    )
-  if not (np.isfinite(value) and value >= 0):
-    raise ValueError(f"{owner}: learning_rate must be finite and >= 0; got {value}.")
+  if not callable(learning_rate):
+    _check_nonnegative_scalar(
+        learning_rate, "learning_rate", owner, "a real scalar or an optax schedule")
 
 
 def check_loss_fn(loss_fn: Optional[Callable], owner: str, extra_args: dict) -> None:
