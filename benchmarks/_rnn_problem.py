@@ -37,15 +37,19 @@ def _initial_state(p, xs):
   return jnp.zeros((xs.shape[1], p["w_rec"].shape[0]), xs.dtype)
 
 
-def loss_fn(p, xs, ys):
-  """Mean over time of the batch-mean squared error, summed in the scan."""
+def loss_fn(p, xs, ys, scan=jax.lax.scan):
+  """Mean over time of the batch-mean squared error, summed in the scan.
+
+  ``scan`` runs the time loop; it has ``jax.lax.scan``'s signature, so a
+  checkpointed scan (``gpu.checkpointed_scan``) gives the remat variant.
+  """
   def step(carry, inputs):
     h, total = carry
     x_t, y_t = inputs
     h = _cell(p, h, x_t)
     return (h, total + losses.mse(h @ p["w_out"], y_t)), None
 
-  (_, total), _ = jax.lax.scan(step, (_initial_state(p, xs), losses.zero()), (xs, ys))
+  (_, total), _ = scan(step, (_initial_state(p, xs), losses.zero()), (xs, ys))
   return total / xs.shape[0]
 
 

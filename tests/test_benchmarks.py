@@ -142,3 +142,32 @@ def test_defaults_check_quick(tmp_path):
                         "--variants", "defaults,paper_fixed_damping")
   assert {row["variant"] for row in payload["runs"]} == {"defaults", "paper_fixed_damping"}
   assert payload["summary"]["defaults"]["runs"] == 1
+
+
+def test_gpu_dry_run(tmp_path):
+  """``gpu.py --dry-run`` writes all four sections with positive, finite figures."""
+  done = subprocess.run(
+      [sys.executable, str(RUN.parent / "gpu.py"), "--dry-run", "--out", str(tmp_path)],
+      capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  payload = json.loads((tmp_path / "gpu.json").read_text())
+  assert all(math.isfinite(x) for x in _numbers(payload))
+  env = payload["environment"]
+  assert env["device_kind"] and env["jax"] and env["jaxlib"] and "cuda_version" in env
+  assert "--dry-run" in payload["command"]
+  step_cost = payload["step_cost"]
+  assert step_cost["remat_check"]["agree"]
+  assert [(r["T"], r["K"]) for r in step_cost["rows"]] == [(10, 4), (10, 8), (20, 4), (20, 8)]
+  for row in step_cost["rows"]:
+    for name in ("jvp_ms", "sofo_ms", "adam_bptt_ms", "adam_remat_ms", "sofo_over_jvp",
+                 "sofo_over_adam"):
+      assert row[name] > 0, name
+  for method, rows in payload["memory"]["series"].items():
+    assert [(r["T"], r["status"]) for r in rows] == [(10, "ok"), (20, "ok")], method
+    assert all(r["temp_bytes"] > 0 and r["run_s"] > 0 for r in rows), method
+  for method, run in payload["flip_flop"]["methods"].items():
+    assert len(run["loss"]) == len(run["seconds"]) == 5, method
+    assert run["final_loss"] > 0 and run["total_s"] > 0, method
+  rows = payload["mixed_precision"]["rows"]
+  assert [r["precision"] for r in rows] == ["float32", "tensorfloat32", "bfloat16"]
+  assert all(r["sofo_ms"] > 0 and r["jvp_ms"] > 0 for r in rows)
