@@ -381,7 +381,7 @@ def scale_by_sofo(
     rejected = outcome.rejected & step_is_finite
     last_update = outcome.last_update
     if keeps_last_update and last_update is None:
-      eta = learning_rate(state.count) if callable(learning_rate) else learning_rate
+      eta = steps_lib.learning_rate_at(learning_rate, state.count)
       last_update = tuple(-jnp.asarray(eta, d.dtype) * d for d in direction)
     if last_update is not None:
       last_update = tuple(
