@@ -2,6 +2,9 @@
 
 Reduction convention: the last axis holds features and is summed, every
 leading axis is a batch axis and is averaged; no factor 1/2 unless stated.
+Every built-in loss takes ``weights=``, per-example weights (a boolean mask
+works) that scale the value and the Gauss–Newton matrix alike; the divisor
+stays the batch size B.
 """
 
 from sofo_jax._src.losses import custom
