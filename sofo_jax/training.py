@@ -10,6 +10,7 @@ measured on compiled code only (compilation is done before the clock starts).
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from typing import Any, Callable, Optional
 
@@ -32,6 +33,8 @@ METHODS = ("sofo", "adam", "fgd", "sgd")
 # Forward-gradient descent's update (P/K) Θ g̃ is noisier still (variance
 # about P/K times the gradient's): at 1e-2 it diverged on the Kalman and
 # double-reach tasks' quick sizes, at 1e-3 on none.
+# Seconds between progress-bar refreshes when stderr is not a terminal.
+LOG_REFRESH_SECONDS = 60.0
 DEFAULT_LEARNING_RATES = {"sofo": 1.0, "fgd": 1e-3, "sgd": 1e-2}
 
 
@@ -248,7 +251,7 @@ def fit(
     elapsed += spent
     if bar is not None:
       bar.update(size)
-      bar.set_postfix(loss=f"{float(chunk_losses[-1]):.4g}")
+      bar.set_postfix(loss=f"{float(chunk_losses[-1]):.4g}", refresh=False)
   if bar is not None:
     bar.close()
   params, state = carry
@@ -274,7 +277,11 @@ def _progress_bar(total: int, description: str, enabled: bool):
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
   except ImportError:
     return None
-  return tqdm(total=total, desc=description, leave=False)
+  # A terminal or a notebook redraws the bar in place; in a log file every
+  # redraw is a new line, so there it refreshes at most once a minute.
+  redraws_in_place = sys.stderr.isatty() or "ipykernel" in sys.modules
+  return tqdm(total=total, desc=description, leave=False,
+              mininterval=0.1 if redraws_in_place else LOG_REFRESH_SECONDS)
 
 
 def evaluate(task, params: Any, *, key: jax.Array, num_batches: int = 1) -> dict:

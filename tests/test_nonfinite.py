@@ -311,29 +311,20 @@ def test_apply_if_finite_checks_incoming_updates_so_sofo_reports_its_own_skips()
   assert float(good_loss(params).value) < float(good_loss(PARAMS).value)
 
 
-def test_apply_if_finite_with_nonfinite_gradients_freezes_the_sofo_state():
-  """Passing reverse-mode gradients in: a NaN gradient makes apply_if_finite
-  reject the step *before* SOFO runs, so the SOFO state (count, key) is
-  rolled back, and after max_consecutive_errors it lets SOFO run anyway (SOFO
-  ignores the gradients and computes its own, finite direction)."""
+def test_apply_if_finite_with_gradients_passed_in_is_an_error():
+  """Reverse-mode gradients passed into apply_if_finite(sofo(...)) would be
+  ignored by SOFO, so they fail loudly when SOFO runs. (NaN ones make
+  apply_if_finite reject the step before SOFO runs, as optax documents.)"""
   opt = optax.apply_if_finite(sofo_jax.sofo(1.0, 4, key=jax.random.key(0)), 1)
   state = opt.init(PARAMS)
-  nan_grads = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), PARAMS)
   update = jax.jit(lambda g, s, p: opt.update(g, s, p, loss_fn=good_loss))
-
-  updates, state = update(nan_grads, state, PARAMS)
-  for u in jax.tree.leaves(updates):
-    np.testing.assert_array_equal(u, 0.0)
-  assert int(state.total_notfinite) == 1
-  inner = sofo_jax.get_state(state)
-  assert int(inner.count) == 0
-  np.testing.assert_array_equal(inner.key, sofo_jax.get_state(opt.init(PARAMS)).key)
-
-  # Second consecutive NaN: over the limit, the inner update runs.
-  updates, state = update(nan_grads, state, PARAMS)
-  assert int(sofo_jax.get_state(state).count) == 1
-  assert_all_finite(updates)
-  assert any(bool(jnp.any(u != 0)) for u in jax.tree.leaves(updates))
+  nan_grads = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), PARAMS)
+  _, rejected = update(nan_grads, state, PARAMS)
+  assert int(rejected.total_notfinite) == 1
+  assert int(sofo_jax.get_state(rejected).count) == 0
+  grads = jax.tree.map(jnp.ones_like, PARAMS)
+  with pytest.raises(Exception, match="SOFO must come first in a chain"):
+    jax.block_until_ready(update(grads, state, PARAMS))
 
 
 def test_apply_if_finite_after_sofo_in_a_chain_never_sees_nan():
@@ -350,3 +341,71 @@ def test_apply_if_finite_after_sofo_in_a_chain_never_sees_nan():
     np.testing.assert_array_equal(u, 0.0)
   assert int(state[1].total_notfinite) == 0
   assert int(sofo_jax.get_diagnostics(state).num_nonfinite_steps) == 1
+
+
+# Unusable learning rates --------------------------------------------------------------
+
+BAD_RATES = (jnp.nan, jnp.inf, -jnp.inf, -1.0)
+RATE_OPTIMIZERS = {
+    "sofo": lambda learning_rate: sofo_jax.sofo(learning_rate, 4, key=jax.random.key(0)),
+    "sofo_paper": lambda learning_rate: sofo_jax.sofo(
+        learning_rate, 4, key=jax.random.key(0), adaptive=False),
+    "forward_gradient": lambda learning_rate: sofo_jax.forward_gradient(
+        learning_rate, 4, key=jax.random.key(0)),
+}
+
+
+@pytest.mark.parametrize("rate", BAD_RATES)
+@pytest.mark.parametrize("name", sorted(RATE_OPTIMIZERS))
+def test_unusable_learning_rate_is_refused_at_construction(name, rate):
+  with pytest.raises(ValueError, match="learning_rate must be finite and >= 0"):
+    RATE_OPTIMIZERS[name](float(rate))
+
+
+@pytest.mark.parametrize("rate", BAD_RATES)
+@pytest.mark.parametrize("name", sorted(RATE_OPTIMIZERS))
+def test_unusable_injected_learning_rate_gives_a_zero_step_and_a_flag(name, rate):
+  """Through inject_hyperparams the rate is traced: the step is exactly zero
+  (not 0 × inf = NaN), step_is_finite is False, and a good rate afterwards
+  trains again."""
+  opt = optax.inject_hyperparams(RATE_OPTIMIZERS[name], static_args=())(learning_rate=0.5)
+  state = opt.init(PARAMS)
+
+  @jax.jit
+  def step(p, s):
+    updates, s = opt.update(None, s, p, loss_fn=good_loss)
+    return optax.apply_updates(p, updates), s
+
+  state.hyperparams["learning_rate"] = jnp.asarray(rate)
+  params, state = step(PARAMS, state)
+  jax.tree.map(np.testing.assert_array_equal, params, PARAMS)
+  assert not bool(sofo_jax.get_diagnostics(state).step_is_finite)
+  state.hyperparams["learning_rate"] = jnp.asarray(0.1 if name == "forward_gradient" else 0.5)
+  params, state = step(params, state)
+  assert bool(sofo_jax.get_diagnostics(state).step_is_finite)
+  assert float(good_loss(params).value) < float(good_loss(PARAMS).value)
+
+
+def test_schedule_producing_an_unusable_rate_gives_a_zero_step():
+  schedule = lambda count: jnp.where(count == 0, jnp.inf, 0.5)
+  opt = sofo_jax.sofo(schedule, 4, key=jax.random.key(0))
+  updates, state = opt.update(None, opt.init(PARAMS), PARAMS, loss_fn=good_loss)
+  for u in jax.tree.leaves(updates):
+    np.testing.assert_array_equal(u, 0.0)
+  assert not bool(sofo_jax.get_diagnostics(state).step_is_finite)
+
+
+@pytest.mark.parametrize("scale", [1e-21, 1e21])
+@pytest.mark.parametrize("name", ["sofo", "forward_gradient"])
+def test_gradient_norm_is_scale_safe(name, scale):
+  """The diagnostic is exact however the loss is scaled (float32 squares
+  underflow at 1e-21 and overflow at 1e21); the step is unaffected."""
+  opt = RATE_OPTIMIZERS[name](0.1)
+  params = {"w": jnp.ones((3, 1)), "b": jnp.zeros((1,))}
+  scaled = lambda p: scale * good_loss(p)
+  _, unit_state = opt.update(None, opt.init(params), params, loss_fn=good_loss)
+  _, state = opt.update(None, opt.init(params), params, loss_fn=scaled)
+  unit = float(sofo_jax.get_diagnostics(unit_state).gradient_norm)
+  norm = float(sofo_jax.get_diagnostics(state).gradient_norm)
+  assert unit > 0
+  np.testing.assert_allclose(norm, scale * unit, rtol=1e-5)

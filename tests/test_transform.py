@@ -192,14 +192,26 @@ def test_unknown_extra_arguments_are_ignored_in_a_chain():
   np.testing.assert_array_equal(ravel_pytree(u_extra)[0], ravel_pytree(u_plain)[0])
 
 
-def test_incoming_gradients_are_ignored():
+def test_incoming_gradients_are_an_error_not_silently_ignored():
+  """Gradients passed in, eagerly or under jit, and the usual optax order
+  chain(clip, sofo) fed gradients, fail loudly; None and zeros pass."""
   params, loss_fn = _regression()
   opt = sofo_jax.sofo(1.0, 4, key=jax.random.key(0))
   state = opt.init(params)
   grads = jax.grad(lambda p: loss_fn(p).value)(params)
-  u_grads, _ = opt.update(grads, state, params, loss_fn=loss_fn)
+  with pytest.raises(TypeError, match="SOFO must come first in a chain"):
+    opt.update(grads, state, params, loss_fn=loss_fn)
+  jitted = jax.jit(lambda g, s, p: opt.update(g, s, p, loss_fn=loss_fn))
+  with pytest.raises(Exception, match="SOFO must come first in a chain"):
+    jax.block_until_ready(jitted(grads, state, params))
+  clipped_first = optax.chain(optax.clip_by_global_norm(1.0), opt)
+  with pytest.raises(Exception, match="SOFO must come first in a chain"):
+    jax.block_until_ready(jax.jit(
+        lambda g, s, p: clipped_first.update(g, s, p, loss_fn=loss_fn))(
+            grads, clipped_first.init(params), params))
+  u_zeros, _ = jitted(optax.tree.zeros_like(params), state, params)
   u_none, _ = opt.update(None, state, params, loss_fn=loss_fn)
-  np.testing.assert_array_equal(ravel_pytree(u_grads)[0], ravel_pytree(u_none)[0])
+  np.testing.assert_array_equal(ravel_pytree(u_zeros)[0], ravel_pytree(u_none)[0])
 
 
 def test_apply_if_finite_composes():

@@ -45,16 +45,20 @@ def _describe(value: Any) -> str:
   return type(value).__name__
 
 
+def split_output(output: Any, has_aux: bool) -> tuple[Any, Any]:
+  """``(loss, aux)`` of what a closure returned (``aux`` None without ``has_aux``)."""
+  if not has_aux:
+    return output, None
+  if not (isinstance(output, tuple) and len(output) == 2):
+    raise TypeError(
+        "With has_aux=True the loss closure must return a pair (loss, aux); "
+        f"got {type(output).__name__}."
+    )
+  return output
+
+
 def _as_loss(output: Any, has_aux: bool) -> tuple[losses_lib.Loss, Any]:
-  if has_aux:
-    if not (isinstance(output, tuple) and len(output) == 2):
-      raise TypeError(
-          "With has_aux=True the loss closure must return a pair (loss, aux); "
-          f"got {type(output).__name__}."
-      )
-    loss, aux = output
-  else:
-    loss, aux = output, None
+  loss, aux = split_output(output, has_aux)
   if not isinstance(loss, losses_lib.Loss):
     hint = ""
     if isinstance(output, tuple) and not has_aux:

@@ -185,3 +185,22 @@ def solve_damped(
       predicted_decrease=model_decrease(gradient, gauss_newton, coefficients),
       finite=system.finite & solved,
   )
+
+
+def scale_safe_norm(vector: Float[Array, " k"]) -> Float[Array, ""]:
+  """:math:`\\lVert v\\rVert_2` without squaring's underflow or overflow.
+
+  ``jnp.linalg.norm`` squares the entries, so in float32 a sketched gradient
+  of a loss scaled by 1e-21 underflows to 0 and one scaled by 1e21
+  overflows to inf, while the step itself (a ratio) is fine. Dividing by
+  :math:`\\max_i |v_i|` first keeps every square in range.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> round(float(scale_safe_norm(jnp.array([3e30, 4e30]))) / 1e30, 4)
+    5.0
+  """
+  largest = jnp.max(jnp.abs(vector))
+  safe = jnp.where((largest > 0) & jnp.isfinite(largest), largest, 1)
+  norm = jnp.where(largest > 0, safe * jnp.linalg.norm(vector / safe), 0)
+  return jnp.where(jnp.isfinite(largest), norm, largest)  # inf stays inf, NaN NaN

@@ -17,15 +17,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
+from sofo_jax._src import learning_rate as learning_rate_lib
 from sofo_jax._src import sketch as sketch_lib
 from sofo_jax._src import solve as solve_lib
 from sofo_jax._src import step_control as step_control_lib
 from sofo_jax._src import tangents as tangents_lib
-
-
-def learning_rate_at(learning_rate, count):
-  """The learning rate of step ``count``: a schedule's value, or the constant."""
-  return learning_rate(count) if callable(learning_rate) else learning_rate
 
 
 def trial_losses(loss_fn, part, offsets, has_aux, data_axis_name):
@@ -92,7 +88,7 @@ def is_spike(loss, previous_loss, ratio):
 def controlled_step(settings, state, part, loss_fn, tangent_leaves, sketch, gradient,
                    system, learning_rate, relative_damping, has_aux, data_axis_name):
   """Step control: the ladder of trials, the choice, and the next-batch check."""
-  eta = learning_rate_at(learning_rate, state.count)
+  eta = learning_rate_lib.learning_rate_at(learning_rate, state.count)
   trials = step_control_lib.ladder(
       settings, system, gradient, sketch.gauss_newton, state.damping, eta,
       relative_damping,

@@ -12,6 +12,11 @@ on the others). Two distributions:
   :math:`\\Theta^\\top\\Theta = I` when :math:`K \\le P`. For :math:`K > P` the
   pseudo-inverse square root is used and the K tangents form a Parseval frame
   (:math:`\\Theta\\Theta^\\top = I_P`).
+
+With entry masks (see :mod:`sofo_jax._src.tree`) the Gaussian draws are
+zeroed on frozen entries *before* normalising or whitening, so both
+distributions are the same ones over the trainable entries alone (P is then
+their number) and every tangent is exactly zero on the frozen entries.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float
 
 from sofo_jax._src import tree as tree_lib
@@ -87,14 +93,27 @@ def _safe_rsqrt(squared: Array) -> Array:
   return jnp.where(positive, jax.lax.rsqrt(jnp.where(positive, squared, 1.0)), 0.0)
 
 
+def _flat_mask(trainable: list, entry_masks) -> Any:
+  """The entry masks as one flat boolean vector, or None if there are none."""
+  if entry_masks is None or all(m is None for m in entry_masks):
+    return None
+  # Concrete masks (NumPy) make one NumPy constant; a traced one, a traced vector.
+  xp = np if all(m is None or isinstance(m, np.ndarray) for m in entry_masks) else jnp
+  return xp.concatenate([
+      xp.ones(int(jnp.size(leaf)), bool) if m is None else xp.ravel(m)
+      for leaf, m in zip(trainable, entry_masks)
+  ])
+
+
 def _gaussian_leaves(key, trainable: list, num_tangents: int, dtype,
-                     unit_norm: bool) -> list:
+                     unit_norm: bool, entry_masks=None) -> list:
   """Standard normal tangents of shape ``(K, *leaf.shape)``, one per leaf.
 
   Tangent ``k`` is drawn from its own key as one vector over all leaves (one
-  RNG call to compile), optionally scaled to unit norm, then cut into leaves.
-  The CPU path maps over batches of tangents, other platforms ``vmap`` over
-  all of them; both give the same numbers.
+  RNG call to compile), zeroed outside the entry masks, optionally scaled to
+  unit norm, then cut into leaves. The CPU path maps over batches of
+  tangents, other platforms ``vmap`` over all of them; both give the same
+  numbers.
   """
   sizes = [int(jnp.size(leaf)) for leaf in trainable]
   offsets = [0]
@@ -103,9 +122,12 @@ def _gaussian_leaves(key, trainable: list, num_tangents: int, dtype,
 
   # Empty leaves stay out of the map (lax.map cannot batch empty outputs).
   nonempty = [i for i, size in enumerate(sizes) if size]
+  flat_mask = _flat_mask(trainable, entry_masks)
 
   def one_tangent(tangent_key):
     flat = jax.random.normal(tangent_key, (offsets[-1],), dtype)
+    if flat_mask is not None:
+      flat = jnp.where(flat_mask, flat, jnp.zeros((), dtype))
     if unit_norm:
       flat = flat * _safe_rsqrt(jnp.sum(flat * flat))
     return [flat[offsets[i]:offsets[i + 1]].reshape(jnp.shape(trainable[i]))
@@ -127,6 +149,7 @@ def sample_leaves(
     trainable: list,
     num_tangents: int,
     distribution: str = "normalized_gaussian",
+    entry_masks=None,
 ) -> list:
   """Draws K tangents for a list of trainable leaves.
 
@@ -135,19 +158,22 @@ def sample_leaves(
     trainable: the trainable parameter leaves.
     num_tangents: K.
     distribution: one of :data:`DISTRIBUTIONS`.
+    entry_masks: ``None``, or one entry per leaf: ``None`` (all entries
+      trainable) or a boolean array of the leaf's shape (``Partition.entry_masks``).
 
   Returns:
     A list of arrays, leaf ``i`` of shape ``(K, *trainable[i].shape)`` and
-    dtype ``trainable[i].dtype``.
+    dtype ``trainable[i].dtype``, exactly zero outside ``entry_masks[i]``.
   """
   dtype = functools.reduce(
       jnp.promote_types,
       [_compute_dtype(jnp.result_type(leaf)) for leaf in trainable],
   )
   if distribution == "normalized_gaussian":
-    mixed = _gaussian_leaves(key, trainable, num_tangents, dtype, unit_norm=True)
+    mixed = _gaussian_leaves(key, trainable, num_tangents, dtype, True, entry_masks)
   else:
-    draws = _gaussian_leaves(key, trainable, num_tangents, dtype, unit_norm=False)
+    # Whitening mixes tangents only, so the zeros of the masked draws stay.
+    draws = _gaussian_leaves(key, trainable, num_tangents, dtype, False, entry_masks)
     whitening = _inverse_sqrt_psd(_gram(draws))
     mixed = [jnp.tensordot(whitening, d, axes=1) for d in draws]
   return [
@@ -169,7 +195,9 @@ def sample_tangents(
     params: the parameter pytree.
     num_tangents: K, a Python int.
     distribution: ``"normalized_gaussian"`` or ``"orthonormal"``.
-    mask: optional pytree of bools (or callable) selecting trainable leaves.
+    mask: optional pytree of bools (or callable) selecting trainable leaves;
+      a leaf may be a boolean array of its parameter's shape selecting
+      trainable entries (the tangents are exactly zero on the others).
 
   Returns:
     A pytree like ``params``: each trainable leaf has a leading axis of size
@@ -185,17 +213,19 @@ def sample_tangents(
   check_num_tangents(num_tangents)
   check_distribution(distribution)
   part = tree_lib.partition(params, mask)
-  leaves = sample_leaves(key, part.trainable, num_tangents, distribution)
+  leaves = sample_leaves(key, part.trainable, num_tangents, distribution,
+                        part.entry_masks)
   return part.fill(leaves, lambda leaf: None)
 
 
-def zero_if_nonfinite(leaves: list) -> tuple[list, Bool[Array, ""]]:
-  """Zeros every leaf unless all are finite; also returns whether they were.
+def zero_if_nonfinite(leaves: list, usable=True) -> tuple[list, Bool[Array, ""]]:
+  """Zeros every leaf unless all are finite and ``usable``; returns whether they were.
 
   The last guard before a step leaves the optimizer: a finite solve can still
-  overflow when cast to a narrow leaf dtype (float16).
+  overflow when cast to a narrow leaf dtype (float16), and a traced learning
+  rate may be unusable (``usable`` False).
   """
-  finite = jnp.array(True)
+  finite = jnp.asarray(usable)
   for leaf in leaves:
     finite = finite & jnp.all(jnp.isfinite(leaf))
   return [jnp.where(finite, leaf, jnp.zeros((), leaf.dtype)) for leaf in leaves], finite

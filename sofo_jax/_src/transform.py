@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
+from sofo_jax._src import eager as eager_lib
 from sofo_jax._src import keys as keys_lib
+from sofo_jax._src import learning_rate as learning_rate_lib
 from sofo_jax._src import sketch as sketch_lib
 from sofo_jax._src import solve as solve_lib
 from sofo_jax._src import spmd
@@ -121,10 +123,6 @@ def _initial_diagnostics(num_tangents: int) -> SofoDiagnostics:
   )
 
 
-def _zeros_like_example(example: Any) -> Any:
-  return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), example)
-
-
 def _check_num_recycled(num_recycled) -> int:
   # None, not 0, is the default so that optax.inject_hyperparams leaves it
   # alone: it fixes shapes and must stay a Python int.
@@ -183,13 +181,20 @@ def scale_by_sofo(
 
   The update needs the keyword extra argument ``loss_fn``, a closure of the
   parameters returning a :class:`sofo_jax.losses.Loss` (or ``(Loss, aux)``
-  with ``has_aux``). The incoming ``updates`` are ignored (``None`` and
-  gradients alike): SOFO computes its own direction, so place it first in a
-  chain. Unknown extra arguments (passed through ``optax.chain``) are ignored.
+  with ``has_aux``). SOFO computes its own direction, so pass ``None`` as
+  ``updates`` (or a zero tree, which ``optax.apply_if_finite`` needs) and
+  place it first in a chain: nonzero incoming updates, such as gradients or
+  the output of a clipping placed before it, raise an error rather than
+  being silently ignored. Unknown extra arguments (passed through
+  ``optax.chain``) are ignored.
+
+  Read the state through :func:`sofo_jax.get_state` and
+  :func:`sofo_jax.get_diagnostics`, which find it inside chains and
+  wrappers (``sofo()``'s state is a chain's tuple).
 
   Non-finite values never reach the parameters: if the loss, the sketch or
   the direction (e.g. overflowing a float16 leaf) is not finite the direction
-  is zero and ``state.diagnostics.step_is_finite`` is False.
+  is zero and ``get_diagnostics(state).step_is_finite`` is False.
 
   Args:
     num_tangents: K, a Python int >= 1. It fixes shapes: with
@@ -231,17 +236,23 @@ def scale_by_sofo(
     tangent_distribution: ``"normalized_gaussian"`` (default, unit-norm
       Gaussian tangents) or ``"orthonormal"``.
     has_aux: the closure returns ``(loss, aux)``; the last aux is stored in
-      ``state.aux``.
+      the state (``sofo_jax.get_state(state).aux``).
     aux_example: with ``has_aux``, a pytree of arrays or
-      ``jax.ShapeDtypeStruct`` shaped like aux. If given, ``init`` stores zeros
-      of that shape, so the state keeps one structure from the start (needed
-      to carry it through ``lax.scan``); otherwise ``init`` stores ``None`` and
-      the first update fills it in.
+      ``jax.ShapeDtypeStruct`` shaped like aux, e.g.
+      ``jax.eval_shape(lambda p: loss_fn(p)[1], params)``. ``init`` stores
+      zeros of that shape, so the state keeps one structure from the start:
+      needed to carry it through ``lax.scan``, and it saves a jitted loop a
+      second compilation. Without it ``init`` stores ``None``, the first
+      update fills it in, and a warning says what to pass.
     mask: frozen parameters. ``None`` trains every floating leaf; otherwise a
       pytree of bools like the params (or a prefix), or a callable returning
       one: tangents are drawn only on ``True`` leaves, the others get a zero
-      update. (``optax.masked`` cannot be used around SOFO, because it hides
-      the frozen values the closure needs.)
+      update. A leaf of the mask may also be a boolean array of its
+      parameter's shape (``True`` = trainable entry), for fixed sparse
+      connectivity: the tangents, and so the update, momentum and recycled
+      directions, are exactly zero on the ``False`` entries, and P counts
+      trainable entries only. (``optax.masked`` cannot be used around SOFO,
+      because it hides the frozen values the closure needs.)
     data_axis_name: data parallelism. When the update runs inside
       ``jax.shard_map(..., check_vma=False)`` with the batch split over this
       mesh axis (or tuple of axes), each device sketches its shard with the
@@ -288,8 +299,7 @@ def scale_by_sofo(
   if isinstance(relative_damping, jax.Array) or not isinstance(relative_damping, bool):
     raise TypeError("relative_damping must be a Python bool.")
   validation.check_damping(damping, "scale_by_sofo")
-  if aux_example is not None and not has_aux:
-    raise ValueError("aux_example is only meaningful with has_aux=True.")
+  validation.check_aux_example(has_aux, aux_example)
   spmd.check_axis_names(data_axis_name, tangent_axis_name)
   owner = "scale_by_sofo"
   if isinstance(adaptive, jax.Array) or not isinstance(adaptive, bool):
@@ -329,10 +339,10 @@ def scale_by_sofo(
 
   def init_fn(params):
     validation.check_params(params, owner, mask)
-    aux = None if aux_example is None else _zeros_like_example(aux_example)
+    aux = validation.zeros_like_example(aux_example)
     return ScaleBySofoState(
         count=jnp.zeros((), jnp.int32),
-        key=key_data,
+        key=jnp.array(key_data, copy=True),
         damping=jnp.asarray(damping, _float_dtype()),
         last_update=last_update_init(params),
         recycled=recycled_init(params),
@@ -341,12 +351,14 @@ def scale_by_sofo(
     )
 
   def update_fn(updates, state, params=None, *, loss_fn=None, **extra_args):
-    del updates  # SOFO computes its own direction from loss_fn.
     validation.check_loss_fn(loss_fn, owner, extra_args)
+    # SOFO computes its own direction from loss_fn; nonzero updates are an error.
+    count = validation.checked_count(updates, state.count, owner)
     part = validation.check_params(params, owner, mask)
+    validation.warn_if_aux_changes_structure(has_aux, state.aux, owner)
     next_key, step_key = codec.split(state.key)
     tangent_leaves = tangents_lib.sample_leaves(
-        step_key, part.trainable, num_fresh, tangent_distribution
+        step_key, part.trainable, num_fresh, tangent_distribution, part.entry_masks
     )
     kept = []
     if momentum:
@@ -375,13 +387,16 @@ def scale_by_sofo(
       outcome = steps_lib.fixed_step(
           damping, system, gradient, sketch.gauss_newton, tangent_leaves, relative_damping
       )
-    direction, direction_is_finite = tangents_lib.zero_if_nonfinite(outcome.direction)
+    eta = learning_rate_lib.learning_rate_at(learning_rate, state.count)
+    # An unusable learning rate (traced, so not refused at construction)
+    # skips the step: the chain then scales a zero direction by zero.
+    direction, direction_is_finite = tangents_lib.zero_if_nonfinite(
+        outcome.direction, learning_rate_lib.is_usable(eta))
     absolute = solve_lib.absolute_damping(outcome.damping, system, relative_damping)
     step_is_finite = outcome.finite & direction_is_finite
     rejected = outcome.rejected & step_is_finite
     last_update = outcome.last_update
     if keeps_last_update and last_update is None:
-      eta = steps_lib.learning_rate_at(learning_rate, state.count)
       last_update = tuple(-jnp.asarray(eta, d.dtype) * d for d in direction)
     if last_update is not None:
       last_update = tuple(
@@ -395,7 +410,7 @@ def scale_by_sofo(
         damping=absolute.astype(dtype),
         damping_parameter=jnp.asarray(outcome.damping).astype(dtype),
         predicted_decrease=outcome.predicted_decrease.astype(dtype),
-        gradient_norm=jnp.linalg.norm(sketch.gradient).astype(dtype),
+        gradient_norm=solve_lib.scale_safe_norm(sketch.gradient).astype(dtype),
         eigenvalues=system.eigenvalues.astype(dtype),
         step_is_finite=step_is_finite,
         num_nonfinite_steps=state.diagnostics.num_nonfinite_steps
@@ -410,7 +425,7 @@ def scale_by_sofo(
         trial_loss=jnp.asarray(outcome.trial_loss).astype(dtype),
     )
     new_state = ScaleBySofoState(
-        count=optax.safe_increment(state.count),
+        count=optax.safe_increment(count),
         key=next_key,
         damping=jnp.asarray(outcome.next_damping, dtype),
         last_update=last_update,
@@ -420,7 +435,9 @@ def scale_by_sofo(
     )
     return new_updates, new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  eager_update = eager_lib.jit_when_eager(
+      update_fn, lambda updates: validation.checked_count(updates, 0, owner))
+  return optax.GradientTransformationExtraArgs(init_fn, eager_update)
 
 
 def sofo(
@@ -447,10 +464,12 @@ def sofo(
   \\lambda_{\\text{eff}} I)^{-1}\\tilde g`. See :func:`scale_by_sofo` for the
   arguments other than ``learning_rate`` (a float or an optax schedule). The
   paper's settings are :math:`\\eta \\in [0.1, 1]`, :math:`\\lambda \\in
-  [10^{-7}, 10^{-3}]` and K of 64–512. From a random initialisation, warm
-  the learning rate up over the first few dozen steps (for example
-  ``optax.linear_schedule(0.1, 1.0, 30)``): the first lightly damped
-  Gauss–Newton steps can otherwise overshoot.
+  [10^{-7}, 10^{-3}]` and K of 64–512. With adaptive step control (the
+  default) the learning rate 1 works from a random initialisation without a
+  warm-up; with ``adaptive=False`` (the paper's fixed damping) warm it up
+  over the first few dozen steps (for example
+  ``optax.linear_schedule(0.1, 1.0, 30)``), or the first lightly damped
+  Gauss–Newton steps can overshoot.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, sofo_jax
@@ -482,5 +501,5 @@ def sofo(
           data_axis_name=data_axis_name,
           tangent_axis_name=tangent_axis_name,
       ),
-      optax.scale_by_learning_rate(learning_rate),
+      learning_rate_lib.scale_by_learning_rate(learning_rate),
   )

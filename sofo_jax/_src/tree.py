@@ -4,6 +4,12 @@ A leaf is *trainable* when it is a floating-point array (or Python float) and
 the user's mask, if any, selects it. Other leaves (integer counters, frozen
 weights, functions stored in equinox modules) are closed over: they get no
 tangent and a zero update.
+
+A mask leaf may also be a boolean array shaped like its parameter leaf
+(``True`` = trainable entry): an *entry mask*, for fixed sparse connectivity
+or pinned entries. The leaf is then trainable and keeps its mask, which the
+tangent sampler applies, so every tangent, and hence every update, is exactly
+zero on the frozen entries.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -28,12 +35,16 @@ class Partition(NamedTuple):
     trainable_flags: one bool per leaf of the full pytree.
     leaves: all leaves of the full pytree.
     treedef: its structure.
+    entry_masks: one per trainable leaf: ``None`` when every entry is
+      trainable, else a boolean array of the leaf's shape (``True`` =
+      trainable entry; a NumPy array when the mask is concrete).
   """
 
   trainable: list
   trainable_flags: tuple
   leaves: list
   treedef: Any
+  entry_masks: tuple
 
   def rebuild(self, trainable_leaves) -> Any:
     """The full pytree with its trainable leaves replaced."""
@@ -78,20 +89,88 @@ def _is_floating(leaf) -> bool:
   return bool(jnp.issubdtype(dtype, jnp.floating))
 
 
+class _MaskLeafError(ValueError):
+  """A mask leaf that is wrong in itself (not a structure mismatch)."""
+
+
+def _as_leaf_bool(m) -> Optional[bool]:
+  """``m`` as a leaf-level Python bool, or None when it is an entry mask."""
+  if isinstance(m, (bool, np.bool_)):
+    return bool(m)
+  if jnp.ndim(m) == 0:
+    try:  # a concrete 0-d value (0, 1, jnp.array(True)) reads as before
+      return bool(m)
+    except jax.errors.ConcretizationTypeError:
+      return None  # a traced 0-d mask: an entry mask of a scalar leaf
+  return None
+
+
+def _entry_mask(m, param, path) -> Any:
+  """Checks an array mask leaf against its parameter leaf."""
+  where = f"mask{jax.tree_util.keystr(path)}"
+  if param is None or not jax.tree_util.treedef_is_leaf(jax.tree.structure(param)):
+    raise _MaskLeafError(
+        f"{where} is an array, so it must stand for a single parameter leaf "
+        "(an entry mask of the same shape); there it stands for a subtree. "
+        "Use a Python bool to freeze or train a whole subtree."
+    )
+  dtype = m.dtype if hasattr(m, "dtype") else jnp.result_type(m)
+  if dtype != np.bool_:
+    raise _MaskLeafError(
+        f"{where} must have dtype bool (True = trainable entry); got "
+        f"{dtype}. Write e.g. `connectivity != 0`."
+    )
+  if jnp.shape(m) != jnp.shape(param):
+    raise _MaskLeafError(
+        f"{where} has shape {jnp.shape(m)}, but the parameter it masks has "
+        f"shape {jnp.shape(param)}; an entry mask must have the same shape."
+    )
+  try:
+    return np.asarray(m)
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+    return m  # traced (a callable mask under jit): applied as it is
+
+
 def resolve_mask(mask, params) -> Optional[Any]:
-  """Turns a mask (pytree prefix of bools, or callable) into a full bool tree."""
+  """Turns a mask (pytree prefix of bools, or callable) into a full mask tree.
+
+  Each leaf of the result is a Python bool, or a boolean array of its
+  parameter leaf's shape (an entry mask).
+  """
   if mask is None:
     return None
   mask_tree = mask(params) if callable(mask) else mask
+
+  def expand(path, m, subtree):
+    flag = _as_leaf_bool(m)
+    if flag is None:
+      return _entry_mask(m, subtree, path)
+    return jax.tree.map(lambda _: flag, subtree)
+
   try:
-    return jax.tree.map(
-        lambda m, p: jax.tree.map(lambda _: bool(m), p), mask_tree, params
-    )
+    return jax.tree_util.tree_map_with_path(expand, mask_tree, params)
+  except _MaskLeafError as error:
+    raise ValueError(str(error)) from None
   except (ValueError, TypeError) as error:
     raise ValueError(
         "mask must be a pytree of Python bools with the structure of the "
-        f"parameters (or a prefix of it): {error}"
+        "parameters (or a prefix of it); a leaf may also be a boolean array "
+        f"of its parameter's shape, to freeze single entries: {error}"
     ) from None
+
+
+def _leaf_flag_and_mask(floating: bool, m) -> tuple[bool, Any]:
+  """Whether a leaf is trained, and its entry mask (None: all entries)."""
+  if isinstance(m, bool):
+    return floating and m, None
+  if isinstance(m, np.ndarray):
+    # Concrete masks that select all or nothing are plain leaf flags: no
+    # masking cost, and an all-False leaf counts as frozen in every check.
+    if m.all():
+      return floating, None
+    if not m.any():
+      return False, None
+  return floating, m
 
 
 def partition(params: Any, mask: Any = None) -> Partition:
@@ -99,8 +178,10 @@ def partition(params: Any, mask: Any = None) -> Partition:
 
   Args:
     params: any pytree.
-    mask: ``None`` (train every floating leaf), or a pytree of bools like
-      ``params`` (or a prefix of it), or a callable ``params -> such a tree``.
+    mask: ``None`` (train every floating leaf), or a pytree like ``params``
+      (or a prefix of it) of Python bools and, at single leaves, boolean
+      arrays of that leaf's shape (``True`` = trainable entry), or a callable
+      ``params -> such a tree``.
 
   Returns:
     A :class:`Partition`.
@@ -108,17 +189,31 @@ def partition(params: Any, mask: Any = None) -> Partition:
   _reject_masked_nodes(params)
   leaves, treedef = jax.tree.flatten(params)
   flags = [_is_floating(leaf) for leaf in leaves]
+  masks = [None] * len(leaves)
   mask_tree = resolve_mask(mask, params)
   if mask_tree is not None:
-    mask_leaves = jax.tree.leaves(mask_tree)
-    flags = [f and m for f, m in zip(flags, mask_leaves)]
+    # Arrays are leaves of the mask tree, so its leaves line up with params'.
+    resolved = [_leaf_flag_and_mask(f, m)
+                for f, m in zip(flags, jax.tree.leaves(mask_tree))]
+    flags = [flag for flag, _ in resolved]
+    masks = [m for _, m in resolved]
   trainable = [leaf for flag, leaf in zip(flags, leaves) if flag]
-  return Partition(trainable, tuple(flags), leaves, treedef)
+  entry_masks = tuple(m for flag, m in zip(flags, masks) if flag)
+  return Partition(trainable, tuple(flags), leaves, treedef, entry_masks)
 
 
-def num_trainable(part: Partition) -> int:
-  """Number of trainable scalars P."""
-  return sum(int(jnp.size(leaf)) for leaf in part.trainable)
+def num_trainable(part: Partition) -> Union[int, jax.Array]:
+  """Number of trainable scalars P: entries outside an entry mask do not count.
+
+  A Python int, unless an entry mask is traced (then a traced int32).
+  """
+  counts = [
+      int(jnp.size(leaf)) if m is None
+      else int(m.sum()) if isinstance(m, np.ndarray)
+      else jnp.sum(m, dtype=jnp.int32)
+      for leaf, m in zip(part.trainable, part.entry_masks)
+  ]
+  return sum(counts)
 
 
 def trainable_tangents(part: Partition, tangents: Any) -> list:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Optional
 
+import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from sofo_jax._src import tree as tree_lib
@@ -68,3 +71,73 @@ def check_params(params: Any, owner: str, mask: Any) -> tree_lib.Partition:
         "boolean leaves, and leaves outside the mask, are left unchanged)."
     )
   return part
+
+
+def _ignored_updates_message(owner: str) -> str:
+  return (
+      f"{owner} computes its own step from loss_fn, so the updates passed in "
+      "are ignored, and these are not zero (gradients, or the output of a "
+      "transformation placed before it in a chain?). Pass None as updates "
+      "(optax.apply_if_finite needs a tree: pass optax.tree.zeros_like(params)). "
+      "SOFO must come first in a chain: put clipping, weight decay etc. after "
+      "it, e.g. optax.chain(sofo_jax.scale_by_sofo(...), "
+      "optax.clip_by_global_norm(1.0), optax.scale_by_learning_rate(lr))."
+  )
+
+
+def checked_count(updates: Any, count: jax.Array, owner: str) -> jax.Array:
+  """Makes updates that SOFO would silently ignore an error.
+
+  ``None`` and zero trees (the ``optax.apply_if_finite`` pattern) pass. A
+  concrete nonzero tree raises ``TypeError`` at once; a traced one cannot be
+  inspected while tracing, so ``count`` (which every state carries on) is
+  tied to an ``equinox.error_if`` that raises when the step runs. Its cost
+  is one reduction over the incoming tree, and nothing when it is ``None``.
+
+  Returns:
+    ``count``, possibly carrying the run-time check.
+  """
+  leaves = jax.tree.leaves(updates)
+  if not leaves:
+    return count
+  try:
+    nonzero = any(bool(np.any(np.asarray(leaf) != 0)) for leaf in leaves)
+  except jax.errors.TracerArrayConversionError:
+    nonzero = None
+  if nonzero:
+    raise TypeError(_ignored_updates_message(owner))
+  if nonzero is False:
+    return count
+  any_nonzero = jnp.any(jnp.stack([jnp.any(leaf != 0) for leaf in leaves]))
+  return eqx.error_if(count, any_nonzero, _ignored_updates_message(owner))
+
+
+def check_aux_example(has_aux: bool, aux_example: Any) -> None:
+  if aux_example is not None and not has_aux:
+    raise ValueError("aux_example is only meaningful with has_aux=True.")
+
+
+def zeros_like_example(example: Any) -> Any:
+  """Zeros shaped like ``aux_example`` (arrays or ShapeDtypeStructs); None stays None."""
+  if example is None:
+    return None
+  return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), example)
+
+
+def warn_if_aux_changes_structure(has_aux: bool, stored_aux: Any, owner: str) -> None:
+  """Warns, while tracing, that the state's structure is about to change.
+
+  Without ``aux_example`` the state holds ``None`` until the first update
+  stores the closure's aux, so the state that comes out differs in structure
+  from the one that went in: ``lax.scan`` refuses it (with an error about
+  the carry that does not name aux) and a jitted loop compiles twice.
+  """
+  if has_aux and stored_aux is None:
+    warnings.warn(
+        f"{owner}(has_aux=True) was built without aux_example, so this first "
+        "update changes the state's structure (its aux goes from None to the "
+        "closure's aux): lax.scan over steps fails and jax.jit compiles a "
+        "second time. Pass aux_example=jax.eval_shape(lambda p: "
+        "loss_fn(p)[1], params) when building the optimizer.",
+        stacklevel=3,
+    )
