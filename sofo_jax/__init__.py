@@ -25,6 +25,8 @@ from sofo_jax._src.transform import ScaleBySofoState
 from sofo_jax._src.transform import sofo
 from sofo_jax._src.transform import SofoDiagnostics
 
+# The one source of the version: pyproject.toml reads it statically, so it
+# stays a plain string literal.
 __version__ = "0.1.0"
 
 __all__ = (
