@@ -144,6 +144,18 @@ def test_defaults_check_quick(tmp_path):
   assert payload["summary"]["defaults"]["runs"] == 1
 
 
+def test_step_control_variants_quick_and_merge(tmp_path):
+  output = tmp_path / "variants.json"
+  _run_script("step_control_variants.py", output, "--tasks", "kalman", "--variants", "defaults")
+  payload = _run_script("step_control_variants.py", output, "--merge", "--tasks", "kalman",
+                        "--variants", "min_rho")
+  rows = payload["tasks"]["kalman"]["variants"]
+  assert set(rows) == {"defaults", "min_rho"}
+  for row in rows.values():
+    assert len(row["final_loss_per_seed"]) == 1 and row["max_over_first"] >= 1.0
+  assert "--merge" in payload["command"]
+
+
 def test_gpu_dry_run(tmp_path):
   """``gpu.py --dry-run`` writes all four sections with positive, finite figures."""
   done = subprocess.run(

@@ -206,8 +206,9 @@ def scale_by_sofo(
       step, so successive steps use fresh tangents.
     adaptive: adaptive step control (default): every step tries a ladder of
       dampings, evaluating the loss at each trial point in one batched
-      forward pass, keeps the least damped step whose loss does not increase,
-      rejects the step (a zero update) if none, and adapts the damping by the
+      forward pass, keeps the least damped step whose loss fell by at least
+      a quarter of the quadratic model's prediction (``min_rho``), rejects
+      the step (a zero update) if none, and adapts the damping by the
       Levenberg–Marquardt rule on :math:`\\rho`, the ratio of actual to
       predicted decrease (see :class:`sofo_jax.StepControl`). Costs
       ``step_control.num_trials`` extra forward passes of the closure per

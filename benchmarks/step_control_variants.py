@@ -1,0 +1,120 @@
+"""Step-control settings against the defaults, at the reproduction's sizes.
+
+The reproduction (``reproduce.py``) found two things the defaults still do
+badly at K = 128 over 1000 steps: late spikes on a fresh batch (Kalman up to
+2,760 times its first loss, the double reach 30 times) and a final loss 1.8
+and 2.3 times SOFO's tuned fixed damping on Lorenz and delayed addition. This
+script runs candidate :class:`sofo_jax.StepControl` settings on the same
+tasks, seeds, batches and initial parameters as ``reproduce.py``, so that a
+setting becomes a default only if it measurably wins.
+
+Usage::
+
+    python benchmarks/step_control_variants.py                    # ~1 h, 2-core CPU
+    python benchmarks/step_control_variants.py --quick            # smoke test, /tmp
+    python benchmarks/step_control_variants.py --tasks kalman --variants defaults,min_rho
+    python benchmarks/step_control_variants.py --merge --tasks lorenz --variants min_rho
+
+Writes ``benchmarks/results/step_control_variants.json`` after every task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import sofo_jax
+
+import _harness
+import reproduce
+
+VARIANTS = {
+    "defaults": {},
+    # Accept a step only if the loss fell by at least a quarter of what the
+    # quadratic model predicted.
+    "min_rho": {"step_control": sofo_jax.StepControl(min_rho=0.25)},
+    # The same, with the textbook damping decrease.
+    "min_rho_fast_decrease": {"step_control": sofo_jax.StepControl(min_rho=0.25, decrease=0.5)},
+    # A damping floor two decades higher.
+    "damping_floor": {"step_control": sofo_jax.StepControl(min_damping=1e-4)},
+    # The defaults without quadratic-model momentum.
+    "no_momentum": {"momentum": False},
+}
+DEFAULT_VARIANTS = ("defaults", "min_rho", "min_rho_fast_decrease", "damping_floor")
+DEFAULT_TASKS = ("kalman", "lorenz", "delayed_addition")
+
+
+def make_optimizer(options: dict):
+  def make(setting, key):
+    del setting
+    return sofo_jax.sofo(1.0, reproduce.NUM_TANGENTS, key=key, **options)
+  return make
+
+
+def summary(losses: np.ndarray) -> dict:
+  """``losses``: (seeds, steps) training losses of one variant."""
+  return {
+      "final_loss": reproduce.final_loss(losses),
+      "final_loss_per_seed": [reproduce.final_loss(l) for l in losses],
+      "max_over_first": float(np.nanmax(losses / losses[:, :1])),
+      "max_over_first_per_seed": [float(np.nanmax(l / l[0])) for l in losses],
+  }
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
+  parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                      help=f"comma-separated, from {sorted(VARIANTS)}")
+  parser.add_argument("--output", default=None)
+  parser.add_argument("--merge", action="store_true",
+                      help="add to the existing output instead of replacing it")
+  args = parser.parse_args(argv)
+  out = Path(args.output or (Path(tempfile.gettempdir()) / "step_control_variants.json"
+                             if args.quick else
+                             Path(__file__).parent / "results" / "step_control_variants.json"))
+  payload = {"command": "python " + " ".join(["benchmarks/step_control_variants.py", *sys.argv[1:]]),
+             "machine": _harness.machine(),
+             "num_tangents": reproduce.NUM_TANGENTS, "tasks": {}}
+  if args.merge and out.exists():
+    previous = json.loads(out.read_text())
+    payload["tasks"] = previous["tasks"]
+    payload["command"] = f"{previous['command']}; then {payload['command']}"
+  begin_all = time.perf_counter()
+  for name in args.tasks.split(","):
+    module = reproduce.tasks_lib.TASKS[name]
+    plan = reproduce._suite.plans("quick" if args.quick else "cpu")[name]
+    config = reproduce._suite.task_config(module, plan)
+    overrides = {} if args.quick else reproduce.CONFIG_OVERRIDES.get(name, {})
+    task = module.make(dataclasses.replace(config, **overrides))
+    steps = 20 if args.quick else reproduce.STEPS.get(name, reproduce.DEFAULT_STEPS)
+    seeds = reproduce.SEEDS[:1] if args.quick else reproduce.SEEDS
+    rows = payload["tasks"].get(name, {}).get("variants", {})
+    for variant in args.variants.split(","):
+      begin = time.perf_counter()
+      losses, _, _ = reproduce.train(task, make_optimizer(VARIANTS[variant]), "sofo", steps,
+                                     [[0.0]], seeds)
+      rows[variant] = summary(losses[0])
+      rows[variant]["seconds"] = time.perf_counter() - begin
+      reproduce._log(f"{name} {variant}: final {rows[variant]['final_loss']:.4g} "
+                     f"per seed {[f'{v:.3g}' for v in rows[variant]['final_loss_per_seed']]} "
+                     f"max/first {rows[variant]['max_over_first']:.3g}")
+    payload["tasks"][name] = {"steps": steps, "seeds": list(seeds), "variants": rows}
+    payload["seconds"] = payload.get("seconds", 0) + time.perf_counter() - begin_all
+    begin_all = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=1))
+  print(f"wrote {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
