@@ -374,6 +374,16 @@ def _like_leaf(value: Any, like: Any) -> Any:
   return jnp.asarray(value) if sharding is None else jax.device_put(value, sharding)
 
 
+def _read_arrays(read: Callable[[Any], dict], where: str, args: Any) -> dict:
+  """The arrays item of a checkpoint, read with orbax ``args``."""
+  try:
+    return dict(read(_orbax().args.Composite(**{_ARRAYS: args}))[_ARRAYS])
+  except Exception as error:  # orbax / tensorstore raise many kinds
+    raise _Corrupted(
+        f"The checkpoint at {where} is corrupted or incomplete: its arrays "
+        f"could not be read ({_short(error)}).") from error
+
+
 def _restore_from(read: Callable[[Any], dict], where: str, like: Any) -> Checkpoint:
   """Restores one checkpoint directory, ``read(args)`` being orbax's restore."""
   ocp = _orbax()
@@ -393,15 +403,7 @@ def _restore_from(read: Callable[[Any], dict], where: str, like: Any) -> Checkpo
   entries = body["leaves"]
   targets = {entry["path"]: _target(like_leaf, entry)
              for entry, like_leaf in zip(entries, leaves) if entry["stored"]}
-  arrays = {}
-  if targets:
-    try:
-      arrays = read(ocp.args.Composite(**{_ARRAYS: ocp.args.StandardRestore(targets)}))
-      arrays = dict(arrays[_ARRAYS])
-    except Exception as error:  # orbax / tensorstore raise many kinds
-      raise _Corrupted(
-          f"The checkpoint at {where} is corrupted or incomplete: its arrays "
-          f"could not be read ({_short(error)}).") from error
+  arrays = _read_arrays(read, where, ocp.args.StandardRestore(targets)) if targets else {}
 
   values = []
   for entry, like_leaf in zip(entries, leaves):
@@ -448,14 +450,7 @@ def _restore_version_1(read, where: str, raw: dict, leaves: list, paths: list,
   arrays = {}
   if names:
     restore_args = {name: ocp.RestoreArgs(restore_type=np.ndarray) for name in names}
-    try:
-      restored = read(ocp.args.Composite(
-          **{_ARRAYS: ocp.args.PyTreeRestore(restore_args=restore_args)}))
-      arrays = dict(restored[_ARRAYS])
-    except Exception as error:  # orbax / tensorstore raise many kinds
-      raise _Corrupted(
-          f"The checkpoint at {where} is corrupted or incomplete: its arrays "
-          f"could not be read ({_short(error)}).") from error
+    arrays = _read_arrays(read, where, ocp.args.PyTreeRestore(restore_args=restore_args))
   values = []
   for entry, (shape, dtype), like_leaf in zip(manifest, expected, leaves):
     value = (np.zeros(shape, dtype) if entry["name"] is None
