@@ -50,6 +50,8 @@ VARIANTS = {
     "no_next_batch_check": {"step_control": sofo_jax.StepControl(revert_ratio=None)},
     "fast_damping_decrease": {"step_control": sofo_jax.StepControl(decrease=0.5)},
     "min_rho": {"step_control": sofo_jax.StepControl(min_rho=0.25)},
+    "min_rho_zero": {"step_control": sofo_jax.StepControl(min_rho=0.0)},
+    "min_rho_half": {"step_control": sofo_jax.StepControl(min_rho=0.5)},
     # The options beyond the paper, each on top of the defaults.
     "momentum": {"momentum": True},
     "recycle_quarter": {"num_recycled": -4},  # K // 4, resolved in run()

@@ -40,6 +40,8 @@ VARIANTS = {
     # Accept a step only if the loss fell by at least a quarter of what the
     # quadratic model predicted.
     "min_rho": {"step_control": sofo_jax.StepControl(min_rho=0.25)},
+    # Half the predicted decrease.
+    "min_rho_half": {"step_control": sofo_jax.StepControl(min_rho=0.5)},
     # The same, with the textbook damping decrease.
     "min_rho_fast_decrease": {"step_control": sofo_jax.StepControl(min_rho=0.25, decrease=0.5)},
     # A damping floor two decades higher.

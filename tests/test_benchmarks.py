@@ -156,6 +156,13 @@ def test_step_control_variants_quick_and_merge(tmp_path):
   assert "--merge" in payload["command"]
 
 
+def test_neurogym_check_quick(tmp_path):
+  pytest.importorskip("neurogym")
+  payload = _run_script("neurogym_check.py", tmp_path / "neurogym.json")
+  assert len(payload["rows"]) == 4
+  assert all(0.0 <= row["accuracy"] <= 1.0 for row in payload["rows"])
+
+
 def test_gpu_dry_run(tmp_path):
   """``gpu.py --dry-run`` writes all four sections with positive, finite figures."""
   done = subprocess.run(

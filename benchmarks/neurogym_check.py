@@ -1,0 +1,77 @@
+"""SOFO's acceptance threshold on neurogym decision tasks, several seeds.
+
+``training.fit(task, "sofo", N, key=jax.random.key(seed))`` at the library's
+defaults (``StepControl.min_rho = 0.25``) and with ``min_rho = 0.5``, on
+MultiSensoryIntegration-v0 and PerceptualDecisionMaking-v0 at
+``neurogym.Config`` defaults (64 units, batch 32, 100 steps, K = 64).
+Reports the mean of the last 20 training losses and the accuracies on 8
+held-out batches (neurogym seed 2024). Needs ``sofo_jax[neurogym]``.
+
+Usage::
+
+    python benchmarks/neurogym_check.py            # 3 seeds, 200 updates: ~3 min, 2-core CPU
+    python benchmarks/neurogym_check.py --quick    # a smoke test, writes under /tmp
+
+Writes ``benchmarks/results/neurogym_check.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+
+import sofo_jax
+from sofo_jax import training
+from sofo_jax.tasks import neurogym
+
+import _harness
+
+ENVS = ("MultiSensoryIntegration-v0", "PerceptualDecisionMaking-v0")
+VARIANTS = {"min_rho_0.25 (default)": {},
+            "min_rho_0.5": {"step_control": sofo_jax.StepControl(min_rho=0.5)}}
+HELD_OUT_SEED = 2024
+HELD_OUT_BATCHES = 8
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--output", default=None)
+  args = parser.parse_args(argv)
+  out = Path(args.output or (Path(tempfile.gettempdir()) / "neurogym_check.json" if args.quick
+                             else Path(__file__).parent / "results" / "neurogym_check.json"))
+  steps, seeds = (3, 1) if args.quick else (200, 3)
+  rows = []
+  for env in ENVS:
+    config = neurogym.Config.quick(env) if args.quick else neurogym.Config(env=env)
+    task = neurogym.make(config)
+    pool = neurogym.generate(config, num_batches=HELD_OUT_BATCHES, seed=HELD_OUT_SEED)
+    held_out = [{k: v[i] for k, v in pool.items()} for i in range(HELD_OUT_BATCHES)]
+    for variant, options in VARIANTS.items():
+      for seed in range(seeds):
+        history = training.fit(task, "sofo", steps, key=jax.random.key(seed), progress=False,
+                               **options)
+        metrics = [task.metrics(history.params, batch) for batch in held_out]
+        row = {"env": env, "variant": variant, "seed": seed,
+               "last20_loss": float(np.mean(history.losses[-20:])),
+               **{k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+  payload = {"command": "python " + " ".join(["benchmarks/neurogym_check.py", *sys.argv[1:]]),
+             "machine": _harness.machine(), "steps": steps,
+             "config": dataclasses.asdict(neurogym.Config()), "rows": rows}
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(payload, indent=1, default=str))
+  print(f"wrote {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
