@@ -87,7 +87,6 @@ def scale_by_forward_gradient(
   :class:`sofo_jax.losses.Loss` or a plain scalar, or with ``has_aux`` a
   pair ``(loss, aux)`` whose first element is either. As with SOFO, pass
   ``None`` as ``updates``; nonzero incoming updates are an error.
-  
 
   Args:
     num_tangents: K, a Python int >= 1.
