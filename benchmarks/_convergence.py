@@ -36,8 +36,9 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Optional
+from typing import Any
 
+import _suite  # pylint: disable=g-import-not-at-top
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,16 +46,14 @@ import numpy as np
 from sofo_jax import training
 from sofo_jax._src import state_utils
 
-import _suite  # pylint: disable=g-import-not-at-top
-
 TUNE_SEED = 1000
 EVAL_SEED = 12345
 FORWARD = ("sofo", "fgd")
 CURVE_POINTS = 150
 
 
-
 WARMUP_FRACTION = 0.1
+
 
 def _log(msg: str) -> None:
   print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -69,8 +68,15 @@ def _paper_sofo(method: str) -> dict:
   return {"adaptive": False} if method == "sofo" else {}
 
 
-def run_many(task, method: str, num_steps: int, settings, keys, num_tangents: int,
-             warmup_steps: int = 0):
+def run_many(
+  task,
+  method: str,
+  num_steps: int,
+  settings,
+  keys,
+  num_tangents: int,
+  warmup_steps: int = 0,
+):
   """Trains ``len(settings)`` runs in one ``vmap``-ed, jitted program.
 
   Args:
@@ -95,15 +101,24 @@ def run_many(task, method: str, num_steps: int, settings, keys, num_tangents: in
   def train(learning_rate, damping, key):
     init_key, data_key, tangent_key = jax.random.split(key, 3)
     optimizer = training.make_optimizer(
-        method, learning_rate=training.warmup(learning_rate, warmup_steps), key=tangent_key,
-        num_tangents=num_tangents, damping=damping, **_paper_sofo(method))
+      method,
+      learning_rate=training.warmup(learning_rate, warmup_steps),
+      key=tangent_key,
+      num_tangents=num_tangents,
+      damping=damping,
+      **_paper_sofo(method),
+    )
     params = task.init_params(init_key)
     state = optimizer.init(params)
     step = training.make_train_step(task, method, optimizer)
     (params, state), losses = jax.lax.scan(
-        step, (params, state), jax.random.split(data_key, num_steps))
-    nonfinite = (state_utils.get_diagnostics(state).num_nonfinite_steps
-                 if method in FORWARD else jnp.zeros((), jnp.int32))
+      step, (params, state), jax.random.split(data_key, num_steps)
+    )
+    nonfinite = (
+      state_utils.get_diagnostics(state).num_nonfinite_steps
+      if method in FORWARD
+      else jnp.zeros((), jnp.int32)
+    )
     return losses, params, nonfinite
 
   compiled = jax.jit(jax.vmap(train)).lower(lrs, dampings, keys).compile()
@@ -113,10 +128,20 @@ def run_many(task, method: str, num_steps: int, settings, keys, num_tangents: in
   return np.asarray(losses), params, np.asarray(nonfinite), seconds
 
 
-def timed_run(task, method: str, *, key, learning_rate: float, damping: Optional[float],
-              num_tangents: int, max_steps: int, chunk: int,
-              until_seconds: Optional[float] = None,
-              snapshot_step: Optional[int] = None, warmup_steps: int = 0) -> dict:
+def timed_run(
+  task,
+  method: str,
+  *,
+  key,
+  learning_rate: float,
+  damping: float | None,
+  num_tangents: int,
+  max_steps: int,
+  chunk: int,
+  until_seconds: float | None = None,
+  snapshot_step: int | None = None,
+  warmup_steps: int = 0,
+) -> dict:
   """One run timed like ``training.fit``: compiled first, chunks, blocking.
 
   Stops after ``max_steps`` steps or at the first chunk boundary after
@@ -132,22 +157,31 @@ def timed_run(task, method: str, *, key, learning_rate: float, damping: Optional
   assert max_steps % chunk == 0, (max_steps, chunk)
   init_key, data_key, tangent_key = jax.random.split(key, 3)
   optimizer = training.make_optimizer(
-      method, learning_rate=training.warmup(learning_rate, warmup_steps), key=tangent_key,
-      num_tangents=num_tangents, damping=1e-4 if damping is None else damping,
-      **_paper_sofo(method))
+    method,
+    learning_rate=training.warmup(learning_rate, warmup_steps),
+    key=tangent_key,
+    num_tangents=num_tangents,
+    damping=1e-4 if damping is None else damping,
+    **_paper_sofo(method),
+  )
   params = task.init_params(init_key)
   carry = (params, optimizer.init(params))
   step = training.make_train_step(task, method, optimizer)
   batch_keys = jax.random.split(data_key, max_steps)
   begin = time.perf_counter()
-  run_chunk = jax.jit(lambda c, k: jax.lax.scan(step, c, k)).lower(
-      carry, batch_keys[:chunk]).compile()
+  run_chunk = (
+    jax.jit(lambda c, k: jax.lax.scan(step, c, k))
+    .lower(carry, batch_keys[:chunk])
+    .compile()
+  )
   compile_seconds = time.perf_counter() - begin
-  assert snapshot_step is None or (snapshot_step % chunk == 0 and snapshot_step <= max_steps)
+  assert snapshot_step is None or (
+    snapshot_step % chunk == 0 and snapshot_step <= max_steps
+  )
   losses, seconds, elapsed = [], [], 0.0
   snapshot = {}
   for start in range(0, max_steps, chunk):
-    keys = batch_keys[start:start + chunk]
+    keys = batch_keys[start : start + chunk]
     begin = time.perf_counter()
     carry, chunk_losses = run_chunk(carry, keys)
     jax.block_until_ready(carry)
@@ -158,13 +192,20 @@ def timed_run(task, method: str, *, key, learning_rate: float, damping: Optional
     if start + chunk == snapshot_step:
       snapshot["params_at_snapshot"] = carry[0]
       snapshot["nonfinite_at_snapshot"] = (
-          int(state_utils.get_diagnostics(carry[1]).num_nonfinite_steps)
-          if method in FORWARD else 0)
+        int(state_utils.get_diagnostics(carry[1]).num_nonfinite_steps)
+        if method in FORWARD
+        else 0
+      )
     past_snapshot = snapshot_step is None or start + chunk >= snapshot_step
     if until_seconds is not None and elapsed >= until_seconds and past_snapshot:
       break
-  return {"losses": np.concatenate(losses), "seconds": np.concatenate(seconds),
-          "params": carry[0], "compile_seconds": compile_seconds, **snapshot}
+  return {
+    "losses": np.concatenate(losses),
+    "seconds": np.concatenate(seconds),
+    "params": carry[0],
+    "compile_seconds": compile_seconds,
+    **snapshot,
+  }
 
 
 def evaluate_many(task, params_list, num_batches: int) -> list[dict]:
@@ -176,6 +217,7 @@ def evaluate_many(task, params_list, num_batches: int) -> list[dict]:
     def on(k):
       batch = task.sample_batch(k)
       return {"loss": task.loss_value(params, batch), **task.metrics(params, batch)}
+
     return jax.tree.map(lambda x: jnp.mean(x, 0), jax.lax.map(on, eval_keys))
 
   results = jax.jit(lambda s: jax.lax.map(one, s))(stacked)
@@ -184,6 +226,7 @@ def evaluate_many(task, params_list, num_batches: int) -> list[dict]:
 
 
 # -- curve statistics -------------------------------------------------------
+
 
 def running_mean(x: np.ndarray, window: int) -> np.ndarray:
   """Mean of the last ``window`` values at each step (fewer at the start)."""
@@ -195,17 +238,19 @@ def running_mean(x: np.ndarray, window: int) -> np.ndarray:
 
 
 def tail_mean(x: np.ndarray, fraction: float) -> float:
-  n = max(1, int(round(fraction * len(x))))
+  n = max(1, round(fraction * len(x)))
   return float(np.mean(x[-n:]))
 
 
-def steps_to_target(x: np.ndarray, target: float, window: int) -> Optional[int]:
+def steps_to_target(x: np.ndarray, target: float, window: int) -> int | None:
   """First step count at which the running-mean loss is at or below target."""
   hit = np.nonzero(running_mean(x, window) <= target)[0]
   return int(hit[0]) + 1 if hit.size else None
 
 
-def loss_at_time(seconds: np.ndarray, losses: np.ndarray, t: float) -> tuple[float, bool]:
+def loss_at_time(
+  seconds: np.ndarray, losses: np.ndarray, t: float
+) -> tuple[float, bool]:
   """Mean loss over the steps in ``[0.9 t, t]``; False if the run ended before t."""
   covered = bool(seconds[-1] >= t)
   t_end = t if covered else seconds[-1]
@@ -223,10 +268,12 @@ def _sample_indices(n: int) -> np.ndarray:
 
 def _finite_list(x) -> list:
   """Plot data: 4 significant digits, None for non-finite values."""
-  return [float(f"{v:.4g}") if np.isfinite(v) else None for v in np.asarray(x, np.float64)]
+  return [
+    float(f"{v:.4g}") if np.isfinite(v) else None for v in np.asarray(x, np.float64)
+  ]
 
 
-def _curve(losses: np.ndarray, window: int, seconds: Optional[np.ndarray] = None) -> dict:
+def _curve(losses: np.ndarray, window: int, seconds: np.ndarray | None = None) -> dict:
   """Subsampled running-mean curve(s) for the JSON file and the plots."""
   losses = np.atleast_2d(losses)
   smooth = np.stack([running_mean(row, window) for row in losses])
@@ -242,14 +289,23 @@ def _curve(losses: np.ndarray, window: int, seconds: Optional[np.ndarray] = None
 
 # -- one task ---------------------------------------------------------------
 
+
 def _round_up(n: float, chunk: int) -> int:
   return int(chunk * math.ceil(n / chunk))
 
 
-def run_task(name: str, plan: _suite.Plan, size: str, grids: dict, num_seeds: int,
-             eval_batches: int, max_factor: int = 100) -> dict:
+def run_task(
+  name: str,
+  plan: _suite.Plan,
+  size: str,
+  grids: dict,
+  num_seeds: int,
+  eval_batches: int,
+  max_factor: int = 100,
+) -> dict:
   """Runs every method on one task; returns the task's JSON entry."""
   from sofo_jax.tasks import TASKS  # pylint: disable=g-import-not-at-top
+
   module = TASKS[name]
   config = _suite.task_config(module, plan)
   task = module.make(config)
@@ -260,64 +316,120 @@ def run_task(name: str, plan: _suite.Plan, size: str, grids: dict, num_seeds: in
   num_params = sum(x.size for x in jax.tree.leaves(task.init_params(jax.random.key(0))))
   _log(f"{name}: {num_params} parameters, K = {k_main}, {n} steps, {num_seeds} seeds")
   entry: dict[str, Any] = {
-      "config": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
-                 for k, v in config.__dict__.items()},
-      "num_params": num_params, "steps": n, "tune_steps": plan.tune_steps,
-      "seeds": list(range(num_seeds)), "smoothing_window": window, "methods": {},
+    "config": {
+      k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
+      for k, v in config.__dict__.items()
+    },
+    "num_params": num_params,
+    "steps": n,
+    "tune_steps": plan.tune_steps,
+    "seeds": list(range(num_seeds)),
+    "smoothing_window": window,
+    "methods": {},
   }
   seed_keys = [jax.random.key(s) for s in range(num_seeds)]
   warmup = int(WARMUP_FRACTION * n)
   entry["warmup_steps"] = warmup
-  eval_params, eval_labels = [task.init_params(jax.random.split(jax.random.key(0), 3)[0])], ["init"]
+  eval_params, eval_labels = (
+    [task.init_params(jax.random.split(jax.random.key(0), 3)[0])],
+    ["init"],
+  )
 
   chosen = {}
   for method in _suite.METHODS:
     grid = grids[method]
     losses, _, nonfinite, secs = run_many(
-        task, method, plan.tune_steps, grid, [jax.random.key(TUNE_SEED)] * len(grid), k_main,
-        warmup)
+      task,
+      method,
+      plan.tune_steps,
+      grid,
+      [jax.random.key(TUNE_SEED)] * len(grid),
+      k_main,
+      warmup,
+    )
     scores = []
-    for row, bad in zip(losses, nonfinite):
-      tail = row[-max(1, plan.tune_steps // 4):]
+    for row in losses:
+      tail = row[-max(1, plan.tune_steps // 4) :]
       scores.append(float(np.mean(tail)) if np.all(np.isfinite(tail)) else math.inf)
     best = int(np.argmin(scores))
     chosen[method] = grid[best]
     entry["methods"][method] = {
-        "grid": [{"learning_rate": lr, "damping": d, "score": s if math.isfinite(s) else None,
-                  "nonfinite_steps": int(b)}
-                 for (lr, d), s, b in zip(grid, scores, nonfinite)],
-        "learning_rate": grid[best][0], "damping": grid[best][1],
-        "chosen_at_grid_edge": best in _edge_indices(grid, best),
-        "all_grid_points_diverged": not any(math.isfinite(x) for x in scores),
+      "grid": [
+        {
+          "learning_rate": lr,
+          "damping": d,
+          "score": s if math.isfinite(s) else None,
+          "nonfinite_steps": int(b),
+        }
+        for (lr, d), s, b in zip(grid, scores, nonfinite)
+      ],
+      "learning_rate": grid[best][0],
+      "damping": grid[best][1],
+      "chosen_at_grid_edge": best in _edge_indices(grid, best),
+      "all_grid_points_diverged": not any(math.isfinite(x) for x in scores),
     }
-    _log(f"{name}/{method}: grid scores {['%.3g' % s for s in scores]} -> "
-         f"lr {grid[best][0]}, damping {grid[best][1]} ({secs:.1f}s)")
+    _log(
+      f"{name}/{method}: grid scores {[f'{s:.3g}' for s in scores]} -> "
+      f"lr {grid[best][0]}, damping {grid[best][1]} ({secs:.1f}s)"
+    )
 
   # Timed runs from seed 0; they also provide seed 0's first n steps.
   timed = {}
   lr, damping = chosen["sofo"]
-  timed["sofo"] = timed_run(task, "sofo", key=seed_keys[0], learning_rate=lr, damping=damping,
-                            num_tangents=k_main, max_steps=n, chunk=chunk, snapshot_step=n,
-                            warmup_steps=warmup)
+  timed["sofo"] = timed_run(
+    task,
+    "sofo",
+    key=seed_keys[0],
+    learning_rate=lr,
+    damping=damping,
+    num_tangents=k_main,
+    max_steps=n,
+    chunk=chunk,
+    snapshot_step=n,
+    warmup_steps=warmup,
+  )
   t_star = float(timed["sofo"]["seconds"][-1])
-  _log(f"{name}/sofo timed: {n} steps in {t_star:.2f}s "
-       f"(compile {timed['sofo']['compile_seconds']:.1f}s)")
+  _log(
+    f"{name}/sofo timed: {n} steps in {t_star:.2f}s "
+    f"(compile {timed['sofo']['compile_seconds']:.1f}s)"
+  )
   for method in ("adam", "fgd", "sgd"):
     lr, damping = chosen[method]
     timed[method] = timed_run(
-        task, method, key=seed_keys[0], learning_rate=lr, damping=damping,
-        num_tangents=k_main, max_steps=max(n, _round_up(max_factor * n, chunk)), chunk=chunk,
-        until_seconds=t_star, snapshot_step=n, warmup_steps=warmup)
-    _log(f"{name}/{method} timed: {len(timed[method]['losses'])} steps in "
-         f"{timed[method]['seconds'][-1]:.2f}s")
+      task,
+      method,
+      key=seed_keys[0],
+      learning_rate=lr,
+      damping=damping,
+      num_tangents=k_main,
+      max_steps=max(n, _round_up(max_factor * n, chunk)),
+      chunk=chunk,
+      until_seconds=t_star,
+      snapshot_step=n,
+      warmup_steps=warmup,
+    )
+    _log(
+      f"{name}/{method} timed: {len(timed[method]['losses'])} steps in "
+      f"{timed[method]['seconds'][-1]:.2f}s"
+    )
   for k in plan.extra_tangents:
     lr, damping = chosen["sofo"]
-    timed[f"sofo_k{k}"] = timed_run(task, "sofo", key=seed_keys[0], learning_rate=lr,
-                                    damping=damping, num_tangents=k, max_steps=n, chunk=chunk,
-                                    warmup_steps=warmup)
-    _log(f"{name}/sofo K={k} timed: final loss "
-         f"{tail_mean(timed[f'sofo_k{k}']['losses'], 0.1):.4g} in "
-         f"{timed[f'sofo_k{k}']['seconds'][-1]:.2f}s")
+    timed[f"sofo_k{k}"] = timed_run(
+      task,
+      "sofo",
+      key=seed_keys[0],
+      learning_rate=lr,
+      damping=damping,
+      num_tangents=k,
+      max_steps=n,
+      chunk=chunk,
+      warmup_steps=warmup,
+    )
+    _log(
+      f"{name}/sofo K={k} timed: final loss "
+      f"{tail_mean(timed[f'sofo_k{k}']['losses'], 0.1):.4g} in "
+      f"{timed[f'sofo_k{k}']['seconds'][-1]:.2f}s"
+    )
 
   # The other seeds, n steps each, in one vmap-ed program per method.
   seed_losses = {}
@@ -331,15 +443,24 @@ def run_task(name: str, plan: _suite.Plan, size: str, grids: dict, num_seeds: in
     if num_seeds > 1:
       lr, damping = chosen[method]
       losses, params, nonfinite, secs = run_many(
-          task, method, n, [(lr, damping)] * (num_seeds - 1), seed_keys[1:], k_main, warmup)
+        task,
+        method,
+        n,
+        [(lr, damping)] * (num_seeds - 1),
+        seed_keys[1:],
+        k_main,
+        warmup,
+      )
       seed_losses[method] += list(losses)
       m["nonfinite_steps"] += nonfinite.tolist()
       for i in range(1, num_seeds):
         eval_params.append(jax.tree.map(lambda x, i=i: x[i - 1], params))
         eval_labels.append(f"{method}/{i}")
       _log(f"{name}/{method}: seeds 1-{num_seeds - 1} ({secs:.1f}s)")
-    _log(f"{name}/{method}: final training loss per seed "
-         f"{[round(tail_mean(r, 0.1), 4) for r in seed_losses[method]]}")
+    _log(
+      f"{name}/{method}: final training loss per seed "
+      f"{[round(tail_mean(r, 0.1), 4) for r in seed_losses[method]]}"
+    )
   for label, run in timed.items():
     eval_params.append(run["params"])
     eval_labels.append(f"timed/{label}")
@@ -348,7 +469,9 @@ def run_task(name: str, plan: _suite.Plan, size: str, grids: dict, num_seeds: in
   entry["initial_metrics"] = evals["init"]
   if plan.target_rule == "kalman":
     target = 1.1 * evals["init"]["kalman_mse"]
-    entry["target_note"] = "1.1 x the true-parameter Kalman filter's MSE on the evaluation batches"
+    entry["target_note"] = (
+      "1.1 x the true-parameter Kalman filter's MSE on the evaluation batches"
+    )
   else:
     target = plan.target
   entry["target"] = target
@@ -363,36 +486,45 @@ def run_task(name: str, plan: _suite.Plan, size: str, grids: dict, num_seeds: in
     timed_hit = steps_to_target(run["losses"], target, window)
     at_t, covered = loss_at_time(run["seconds"], run["losses"], t_star)
     # The timed run's first n steps repeat seed 0 of the seeds phase.
-    m.update({
+    m.update(
+      {
         "final_loss": [tail_mean(r, 0.1) for r in losses],
         "final_loss_mean": float(np.mean([tail_mean(r, 0.1) for r in losses])),
         "steps_to_target": steps_needed,
-        "steps_to_target_median": (float(np.median(reached)) if len(reached) == len(losses) else None),
+        "steps_to_target_median": (
+          float(np.median(reached)) if len(reached) == len(losses) else None
+        ),
         "seeds_reaching_target": len(reached),
         "metrics": [evals[f"{method}/{i}"] for i in range(num_seeds)],
         "curve": _curve(losses, window),
         "timed": {
-            "steps": int(len(run["losses"])), "seconds": float(run["seconds"][-1]),
-            "seconds_per_step": float(run["seconds"][-1] / len(run["losses"])),
-            "compile_seconds": run["compile_seconds"],
-            "loss_at_equal_wallclock": at_t, "covers_equal_wallclock": covered,
-            "seconds_to_target": (float(run["seconds"][timed_hit - 1]) if timed_hit else None),
-            "steps_to_target": timed_hit,
-            "final_metrics": evals[f"timed/{method}"],
-            "curve": _curve(run["losses"], window, run["seconds"]),
+          "steps": len(run["losses"]),
+          "seconds": float(run["seconds"][-1]),
+          "seconds_per_step": float(run["seconds"][-1] / len(run["losses"])),
+          "compile_seconds": run["compile_seconds"],
+          "loss_at_equal_wallclock": at_t,
+          "covers_equal_wallclock": covered,
+          "seconds_to_target": (
+            float(run["seconds"][timed_hit - 1]) if timed_hit else None
+          ),
+          "steps_to_target": timed_hit,
+          "final_metrics": evals[f"timed/{method}"],
+          "curve": _curve(run["losses"], window, run["seconds"]),
         },
-    })
+      }
+    )
   entry["sofo_other_k"] = {}
   for k in plan.extra_tangents:
     run = timed[f"sofo_k{k}"]
     hit = steps_to_target(run["losses"], target, window)
     entry["sofo_other_k"][str(k)] = {
-        "num_tangents": k, "final_loss": tail_mean(run["losses"], 0.1),
-        "seconds": float(run["seconds"][-1]),
-        "seconds_per_step": float(run["seconds"][-1] / len(run["losses"])),
-        "steps_to_target": hit,
-        "final_metrics": evals[f"timed/sofo_k{k}"],
-        "curve": _curve(run["losses"], window, run["seconds"]),
+      "num_tangents": k,
+      "final_loss": tail_mean(run["losses"], 0.1),
+      "seconds": float(run["seconds"][-1]),
+      "seconds_per_step": float(run["seconds"][-1] / len(run["losses"])),
+      "steps_to_target": hit,
+      "final_metrics": evals[f"timed/sofo_k{k}"],
+      "curve": _curve(run["losses"], window, run["seconds"]),
     }
   return entry
 
@@ -402,5 +534,7 @@ def _edge_indices(grid, best) -> set:
   lrs = sorted({g[0] for g in grid})
   ds = sorted({g[1] for g in grid if g[1] is not None})
   lr, d = grid[best]
-  on_edge = lr in (lrs[0], lrs[-1]) or (d is not None and len(ds) > 1 and d in (ds[0], ds[-1]))
+  on_edge = lr in (lrs[0], lrs[-1]) or (
+    d is not None and len(ds) > 1 and d in (ds[0], ds[-1])
+  )
   return {best} if on_edge else set()

@@ -7,8 +7,9 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 
@@ -38,15 +39,16 @@ def time_call(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> dict:
 
 def _stats(samples: list[float]) -> dict:
   return {
-      "min_s": min(samples),
-      "median_s": statistics.median(samples),
-      "mean_s": statistics.fmean(samples),
-      "repeats": len(samples),
+    "min_s": min(samples),
+    "median_s": statistics.median(samples),
+    "mean_s": statistics.fmean(samples),
+    "repeats": len(samples),
   }
 
 
-def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int,
-                     warmup: int = 2) -> dict:
+def time_interleaved(
+  fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2
+) -> dict:
   """Times several functions side by side, round-robin.
 
   Each round times every function once (up to ``block_until_ready``), in an
@@ -74,35 +76,44 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int,
 def ratio_stats(numerator: list[float], denominator: list[float]) -> dict:
   """Median and quartiles of per-round ratios, and the ratio of the minima."""
   ratios = sorted(n / d for n, d in zip(numerator, denominator))
-  quartiles = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+  quartiles = (
+    statistics.quantiles(ratios, n=4, method="inclusive")
+    if len(ratios) > 1
+    else ratios * 3
+  )
   return {
-      "median": statistics.median(ratios),
-      "q1": quartiles[0],
-      "q3": quartiles[2],
-      "of_minima": min(numerator) / min(denominator),
+    "median": statistics.median(ratios),
+    "q1": quartiles[0],
+    "q3": quartiles[2],
+    "of_minima": min(numerator) / min(denominator),
   }
 
 
 def machine() -> dict:
   """Where and with what a benchmark ran."""
   import optax  # pylint: disable=g-import-not-at-top
+
   devices = jax.devices()
   return {
-      "platform": platform.platform(),
-      "processor": platform.processor() or platform.machine(),
-      "cpu_count": os.cpu_count(),
-      "python": platform.python_version(),
-      "jax": jax.__version__,
-      "optax": optax.__version__,
-      "backend": jax.default_backend(),
-      "devices": [d.device_kind for d in devices],
+    "platform": platform.platform(),
+    "processor": platform.processor() or platform.machine(),
+    "cpu_count": os.cpu_count(),
+    "python": platform.python_version(),
+    "jax": jax.__version__,
+    "optax": optax.__version__,
+    "backend": jax.default_backend(),
+    "devices": [d.device_kind for d in devices],
   }
 
 
 def write_json(name: str, payload: dict) -> Path:
   RESULTS.mkdir(parents=True, exist_ok=True)
   path = RESULTS / name
-  payload = {"machine": machine(), "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **payload}
+  payload = {
+    "machine": machine(),
+    "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    **payload,
+  }
   path.write_text(json.dumps(payload, indent=2))
   return path
 

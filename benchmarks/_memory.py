@@ -21,6 +21,7 @@ step's temporary memory. Two measurements:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import json
@@ -30,13 +31,12 @@ import sys
 import time
 from pathlib import Path
 
+import _suite  # pylint: disable=g-import-not-at-top
 import jax
 import jax.numpy as jnp
 import optax
 
 from sofo_jax import training
-
-import _suite  # pylint: disable=g-import-not-at-top
 
 FORWARD = ("sofo", "fgd")
 METHOD_OF = {"sofo": "sofo", "bptt": "adam"}
@@ -44,6 +44,7 @@ METHOD_OF = {"sofo": "sofo", "bptt": "adam"}
 
 def _task(overrides: dict, horizon: int):
   from sofo_jax.tasks import kalman  # pylint: disable=g-import-not-at-top
+
   config = dataclasses.replace(kalman.Config(), **overrides, num_steps=horizon)
   return kalman, config, kalman.make(config)
 
@@ -53,8 +54,12 @@ def _compiled_step(kind: str, overrides: dict, horizon: int):
   _, config, task = _task(overrides, horizon)
   method = METHOD_OF[kind]
   optimizer = training.make_optimizer(
-      method, learning_rate=0.1, key=jax.random.key(1),
-      num_tangents=config.num_tangents, damping=config.damping)
+    method,
+    learning_rate=0.1,
+    key=jax.random.key(1),
+    num_tangents=config.num_tangents,
+    damping=config.damping,
+  )
   params = task.init_params(jax.random.key(0))
   state = optimizer.init(params)
 
@@ -77,10 +82,12 @@ def _compiled_step(kind: str, overrides: dict, horizon: int):
 def compiled_memory(kind: str, overrides: dict, horizon: int) -> dict:
   compiled, _, _, _, seconds = _compiled_step(kind, overrides, horizon)
   analysis = compiled.memory_analysis()
-  return {"temp_bytes": int(analysis.temp_size_in_bytes),
-          "argument_bytes": int(analysis.argument_size_in_bytes),
-          "output_bytes": int(analysis.output_size_in_bytes),
-          "compile_seconds": seconds}
+  return {
+    "temp_bytes": int(analysis.temp_size_in_bytes),
+    "argument_bytes": int(analysis.argument_size_in_bytes),
+    "output_bytes": int(analysis.output_size_in_bytes),
+    "compile_seconds": seconds,
+  }
 
 
 def _status_kib(field: str) -> int:
@@ -110,10 +117,8 @@ def measure_point(kind: str, overrides: dict, horizon: int) -> dict:
   batch = {"observations": data["observations"], "latent": data["latent"]}
   jax.block_until_ready((params, state, batch))
   del data
-  try:
+  with contextlib.suppress(OSError, AttributeError):
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-  except (OSError, AttributeError):
-    pass
   with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # resets VmHWM to the current resident size
   baseline = _status_kib("VmRSS")
@@ -121,22 +126,35 @@ def measure_point(kind: str, overrides: dict, horizon: int) -> dict:
   jax.block_until_ready(compiled(params, state, batch))
   step_seconds = time.perf_counter() - begin
   peak = _status_kib("VmHWM")
-  return {"temp_bytes": int(analysis.temp_size_in_bytes),
-          "argument_bytes": int(analysis.argument_size_in_bytes),
-          "output_bytes": int(analysis.output_size_in_bytes),
-          "compile_seconds": seconds,
-          "rss_growth_bytes": 1024 * (peak - baseline),
-          "rss_baseline_bytes": 1024 * baseline,
-          "step_seconds": step_seconds, "malloc_bypass": bypass}
+  return {
+    "temp_bytes": int(analysis.temp_size_in_bytes),
+    "argument_bytes": int(analysis.argument_size_in_bytes),
+    "output_bytes": int(analysis.output_size_in_bytes),
+    "compile_seconds": seconds,
+    "rss_growth_bytes": 1024 * (peak - baseline),
+    "rss_baseline_bytes": 1024 * baseline,
+    "step_seconds": step_seconds,
+    "malloc_bypass": bypass,
+  }
 
 
 def _measure_in_subprocess(kind: str, size: str, horizon: int) -> dict:
   script = Path(__file__).resolve().parent / "run.py"
-  command = [sys.executable, str(script), "_memory_point", "--kind", kind,
-             "--size", size, "--horizon", str(horizon)]
-  done = subprocess.run(command, capture_output=True, text=True, check=False,
-                        env=os.environ.copy())
-  lines = [l for l in done.stdout.splitlines() if l.startswith("{")]
+  command = [
+    sys.executable,
+    str(script),
+    "_memory_point",
+    "--kind",
+    kind,
+    "--size",
+    size,
+    "--horizon",
+    str(horizon),
+  ]
+  done = subprocess.run(
+    command, capture_output=True, text=True, check=False, env=os.environ.copy()
+  )
+  lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
   if done.returncode != 0 or not lines:
     return {"error": (done.stderr or done.stdout)[-2000:]}
   return json.loads(lines[-1])
@@ -159,10 +177,15 @@ def run(size: str, log) -> dict:
         row = compiled_memory(kind, overrides, horizon)
       row["T"] = horizon
       rows.append(row)
-      log(f"memory {kind} T={horizon}: temp {row.get('temp_bytes', float('nan')) / 2**20:.2f} MiB"
-          + (f", RSS growth {row['rss_growth_bytes'] / 2**20:.1f} MiB, step {row['step_seconds']:.2f}s"
-             if "rss_growth_bytes" in row else "")
-          + (f" ERROR {row['error'][-300:]}" if "error" in row else ""))
+      log(
+        f"memory {kind} T={horizon}: temp {row.get('temp_bytes', float('nan')) / 2**20:.2f} MiB"
+        + (
+          f", RSS growth {row['rss_growth_bytes'] / 2**20:.1f} MiB, step {row['step_seconds']:.2f}s"
+          if "rss_growth_bytes" in row
+          else ""
+        )
+        + (f" ERROR {row['error'][-300:]}" if "error" in row else "")
+      )
     series[kind] = rows
   paper = {}
   if size != "quick":
@@ -173,14 +196,16 @@ def run(size: str, log) -> dict:
         row = compiled_memory(kind, {}, horizon)
         row["T"] = horizon
         paper[kind].append(row)
-        log(f"memory (paper size, compiled) {kind} T={horizon}: "
-            f"temp {row['temp_bytes'] / 2**20:.2f} MiB")
+        log(
+          f"memory (paper size, compiled) {kind} T={horizon}: "
+          f"temp {row['temp_bytes'] / 2**20:.2f} MiB"
+        )
   return {
-      "task": "kalman",
-      "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "num_steps"},
-      "num_params": num_params,
-      "run_max_T": run_max,
-      "series": series,
-      "paper_size_compiled": paper,
-      "device_memory_stats": jax.devices()[0].memory_stats(),
+    "task": "kalman",
+    "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "num_steps"},
+    "num_params": num_params,
+    "run_max_T": run_max,
+    "series": series,
+    "paper_size_compiled": paper,
+    "device_memory_stats": jax.devices()[0].memory_stats(),
   }

@@ -19,10 +19,12 @@ def make(n_hidden, batch, horizon, n_in=3, n_out=3, seed=0):
   """Returns ``(params, xs, ys)``; ``xs`` and ``ys`` are time-major."""
   keys = jax.random.split(jax.random.key(seed), 5)
   params = {
-      "w_rec": 0.9 * jax.random.normal(keys[0], (n_hidden, n_hidden)) / jnp.sqrt(n_hidden),
-      "w_in": jax.random.normal(keys[1], (n_in, n_hidden)) / jnp.sqrt(n_in),
-      "w_out": jax.random.normal(keys[2], (n_hidden, n_out)) / jnp.sqrt(n_hidden),
-      "b": jnp.zeros(n_hidden),
+    "w_rec": 0.9
+    * jax.random.normal(keys[0], (n_hidden, n_hidden))
+    / jnp.sqrt(n_hidden),
+    "w_in": jax.random.normal(keys[1], (n_in, n_hidden)) / jnp.sqrt(n_in),
+    "w_out": jax.random.normal(keys[2], (n_hidden, n_out)) / jnp.sqrt(n_hidden),
+    "b": jnp.zeros(n_hidden),
   }
   xs = jax.random.normal(keys[3], (horizon, batch, n_in))
   ys = jax.random.normal(keys[4], (horizon, batch, n_out))
@@ -43,6 +45,7 @@ def loss_fn(p, xs, ys, scan=jax.lax.scan):
   ``scan`` runs the time loop; it has ``jax.lax.scan``'s signature, so a
   checkpointed scan (``gpu.checkpointed_scan``) gives the remat variant.
   """
+
   def step(carry, inputs):
     h, total = carry
     x_t, y_t = inputs
@@ -55,6 +58,7 @@ def loss_fn(p, xs, ys, scan=jax.lax.scan):
 
 def final_loss_fn(p, xs, ys):
   """Squared error of the last time step only (sparse supervision)."""
+
   def step(h, x_t):
     return _cell(p, h, x_t), None
 

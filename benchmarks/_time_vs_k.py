@@ -14,20 +14,23 @@ from __future__ import annotations
 
 import dataclasses
 
+import _harness  # pylint: disable=g-import-not-at-top
+import _suite  # pylint: disable=g-import-not-at-top
 import jax
 
 import sofo_jax
 from sofo_jax import training
 
-import _harness  # pylint: disable=g-import-not-at-top
-import _suite  # pylint: disable=g-import-not-at-top
-
 
 def _compiled_step(task, method, num_tangents, learning_rate, damping):
   """A zero-argument call of one compiled training step."""
   optimizer = training.make_optimizer(
-      method, learning_rate=learning_rate, key=jax.random.key(1),
-      num_tangents=num_tangents, damping=damping)
+    method,
+    learning_rate=learning_rate,
+    key=jax.random.key(1),
+    num_tangents=num_tangents,
+    damping=damping,
+  )
   params = task.init_params(jax.random.key(0))
   carry = (params, optimizer.init(params))
   step = training.make_train_step(task, method, optimizer)
@@ -52,6 +55,7 @@ def _compiled_bare_jvp(task, num_tangents):
 
 def run(size: str, log) -> dict:
   from sofo_jax.tasks import kalman  # pylint: disable=g-import-not-at-top
+
   overrides = _suite.memory_config(size)
   if size == "quick":
     overrides = {**overrides, "num_steps": 30}
@@ -64,20 +68,42 @@ def run(size: str, log) -> dict:
   adam_step = _compiled_step(task, "adam", None, config.adam_learning_rate, None)
   rows = []
   for k in _suite.TIME_TANGENTS[size]:
-    timings = _harness.time_interleaved({
+    timings = _harness.time_interleaved(
+      {
         "sofo": _compiled_step(task, "sofo", k, config.learning_rate, config.damping),
         "jvp": _compiled_bare_jvp(task, k),
         "adam": adam_step,
-    }, repeats)
+      },
+      repeats,
+    )
     sofo, jvp, adam = timings["sofo"], timings["jvp"], timings["adam"]
-    rows.append({"K": k, "sofo": sofo, "jvp": jvp, "adam": adam,
-                 "sofo_median_ms": 1e3 * sofo["median_s"], "sofo_min_ms": 1e3 * sofo["min_s"],
-                 "jvp_median_ms": 1e3 * jvp["median_s"], "jvp_min_ms": 1e3 * jvp["min_s"],
-                 "adam_median_ms": 1e3 * adam["median_s"], "adam_min_ms": 1e3 * adam["min_s"],
-                 "sofo_over_jvp": _harness.ratio_stats(sofo["samples_s"], jvp["samples_s"])["median"],
-                 "ratio_median": sofo["median_s"] / adam["median_s"],
-                 "ratio_min": sofo["min_s"] / adam["min_s"]})
-    log(f"time: K={k} sofo median {rows[-1]['sofo_median_ms']:.2f} ms "
-        f"({rows[-1]['sofo_over_jvp']:.2f}x bare jvp, {rows[-1]['ratio_median']:.1f}x adam)")
-  return {"task": "kalman", "config": {k: v for k, v in dataclasses.asdict(config).items()},
-          "num_params": num_params, "repeats": repeats, "rows": rows}
+    rows.append(
+      {
+        "K": k,
+        "sofo": sofo,
+        "jvp": jvp,
+        "adam": adam,
+        "sofo_median_ms": 1e3 * sofo["median_s"],
+        "sofo_min_ms": 1e3 * sofo["min_s"],
+        "jvp_median_ms": 1e3 * jvp["median_s"],
+        "jvp_min_ms": 1e3 * jvp["min_s"],
+        "adam_median_ms": 1e3 * adam["median_s"],
+        "adam_min_ms": 1e3 * adam["min_s"],
+        "sofo_over_jvp": _harness.ratio_stats(sofo["samples_s"], jvp["samples_s"])[
+          "median"
+        ],
+        "ratio_median": sofo["median_s"] / adam["median_s"],
+        "ratio_min": sofo["min_s"] / adam["min_s"],
+      }
+    )
+    log(
+      f"time: K={k} sofo median {rows[-1]['sofo_median_ms']:.2f} ms "
+      f"({rows[-1]['sofo_over_jvp']:.2f}x bare jvp, {rows[-1]['ratio_median']:.1f}x adam)"
+    )
+  return {
+    "task": "kalman",
+    "config": {k: v for k, v in dataclasses.asdict(config).items()},
+    "num_params": num_params,
+    "repeats": repeats,
+    "rows": rows,
+  }

@@ -37,34 +37,45 @@ from sofo_jax.tasks import delayed_addition, double_reach, flip_flop, kalman, lo
 
 # The sizes of the reliability issue's check: what a new user tries first.
 CPU_SIZES = {
-    "flip_flop": (flip_flop, dict(num_hidden=32, num_steps=100, batch_size=32)),
-    "lorenz": (lorenz, dict(num_hidden=64, batch_size=64)),
-    "kalman": (kalman, dict(num_hidden=32, num_steps=100)),
-    "double_reach": (double_reach, dict(num_hidden=32, dt=0.01, batch_size=16)),
-    "delayed_addition": (delayed_addition, dict(num_hidden=32, num_steps=100, batch_size=64)),
+  "flip_flop": (flip_flop, dict(num_hidden=32, num_steps=100, batch_size=32)),
+  "lorenz": (lorenz, dict(num_hidden=64, batch_size=64)),
+  "kalman": (kalman, dict(num_hidden=32, num_steps=100)),
+  "double_reach": (double_reach, dict(num_hidden=32, dt=0.01, batch_size=16)),
+  "delayed_addition": (
+    delayed_addition,
+    dict(num_hidden=32, num_steps=100, batch_size=64),
+  ),
 }
 
 VARIANTS = {
-    "defaults": {},
-    "paper_fixed_damping": {"adaptive": False},
-    "no_next_batch_check": {"step_control": sofo_jax.StepControl(revert_ratio=None)},
-    "fast_damping_decrease": {"step_control": sofo_jax.StepControl(decrease=0.5)},
-    "min_rho": {"step_control": sofo_jax.StepControl(min_rho=0.25)},
-    "min_rho_zero": {"step_control": sofo_jax.StepControl(min_rho=0.0)},
-    "min_rho_half": {"step_control": sofo_jax.StepControl(min_rho=0.5)},
-    # The options beyond the paper, each on top of the defaults.
-    "momentum": {"momentum": True},
-    "recycle_quarter": {"num_recycled": -4},  # K // 4, resolved in run()
-    "orthonormal": {"tangent_distribution": "orthonormal"},
+  "defaults": {},
+  "paper_fixed_damping": {"adaptive": False},
+  "no_next_batch_check": {"step_control": sofo_jax.StepControl(revert_ratio=None)},
+  "fast_damping_decrease": {"step_control": sofo_jax.StepControl(decrease=0.5)},
+  "min_rho": {"step_control": sofo_jax.StepControl(min_rho=0.25)},
+  "min_rho_zero": {"step_control": sofo_jax.StepControl(min_rho=0.0)},
+  "min_rho_half": {"step_control": sofo_jax.StepControl(min_rho=0.5)},
+  # The options beyond the paper, each on top of the defaults.
+  "momentum": {"momentum": True},
+  "recycle_quarter": {"num_recycled": -4},  # K // 4, resolved in run()
+  "orthonormal": {"tangent_distribution": "orthonormal"},
 }
-DEFAULT_VARIANTS = ("defaults", "paper_fixed_damping", "no_next_batch_check",
-                    "fast_damping_decrease")
+DEFAULT_VARIANTS = (
+  "defaults",
+  "paper_fixed_damping",
+  "no_next_batch_check",
+  "fast_damping_decrease",
+)
 ADAM_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
 
 def make_task(name: str, quick: bool):
   module, overrides = CPU_SIZES[name]
-  config = module.Config.quick() if quick else dataclasses.replace(module.Config(), **overrides)
+  config = (
+    module.Config.quick()
+    if quick
+    else dataclasses.replace(module.Config(), **overrides)
+  )
   return module.make(config)
 
 
@@ -86,20 +97,21 @@ def run(task, options: dict, seed: int, num_steps: int, num_tangents: int) -> di
     return carry, loss
 
   run_all = jax.jit(lambda carry, keys: jax.lax.scan(body, carry, keys))
-  (params, state), losses = run_all((params, optimizer.init(params)),
-                                    jax.random.split(data_key, num_steps))
+  (params, state), losses = run_all(
+    (params, optimizer.init(params)), jax.random.split(data_key, num_steps)
+  )
   losses = np.asarray(losses)
   counts = (0, 0)
   if method == "sofo":
     diagnostics = sofo_jax.get_diagnostics(state)
     counts = (int(diagnostics.num_rejected_steps), int(diagnostics.num_reverted_steps))
   return {
-      "first_loss": float(losses[0]),
-      "max_loss": float(np.nanmax(losses)) if np.isfinite(losses).any() else float("nan"),
-      "last20_mean": float(np.mean(losses[-20:])),
-      "blew_up": bool(not np.all(np.isfinite(losses)) or np.max(losses) > 3 * losses[0]),
-      "rejected_steps": counts[0],
-      "reverted_steps": counts[1],
+    "first_loss": float(losses[0]),
+    "max_loss": float(np.nanmax(losses)) if np.isfinite(losses).any() else float("nan"),
+    "last20_mean": float(np.mean(losses[-20:])),
+    "blew_up": bool(not np.all(np.isfinite(losses)) or np.max(losses) > 3 * losses[0]),
+    "rejected_steps": counts[0],
+    "reverted_steps": counts[1],
   }
 
 
@@ -109,15 +121,24 @@ def main(argv=None) -> int:
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--steps", type=int, default=120)
   parser.add_argument("--num-tangents", type=int, default=32)
-  parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                      help=f"comma-separated, from {sorted(VARIANTS)}")
-  parser.add_argument("--adam", action="store_true",
-                      help=f"also Adam + BPTT at each rate of {ADAM_GRID}, same seeds")
+  parser.add_argument(
+    "--variants",
+    default=",".join(DEFAULT_VARIANTS),
+    help=f"comma-separated, from {sorted(VARIANTS)}",
+  )
+  parser.add_argument(
+    "--adam",
+    action="store_true",
+    help=f"also Adam + BPTT at each rate of {ADAM_GRID}, same seeds",
+  )
   parser.add_argument("--tasks", default=",".join(CPU_SIZES))
   parser.add_argument("--output", default=None)
   args = parser.parse_args(argv)
-  default_output = (os.path.join(tempfile.gettempdir(), "defaults_check_quick.json") if args.quick
-                    else os.path.join(os.path.dirname(__file__), "results", "defaults_check.json"))
+  default_output = (
+    os.path.join(tempfile.gettempdir(), "defaults_check_quick.json")
+    if args.quick
+    else os.path.join(os.path.dirname(__file__), "results", "defaults_check.json")
+  )
   output = args.output or default_output
   rows = []
   variants = args.variants.split(",")
@@ -133,35 +154,54 @@ def main(argv=None) -> int:
         row = run(task, VARIANTS[variant], seed, args.steps, args.num_tangents)
         row.update(variant=variant, task=name, seed=seed)
         rows.append(row)
-        print(f"{variant:22s} {name:17s} seed {seed}  first {row['first_loss']:.3g}  "
-              f"max {row['max_loss']:.3g}  last-20 mean {row['last20_mean']:.4g}  "
-              f"rejected {row['rejected_steps']}  reverted {row['reverted_steps']}"
-              f"{'  BLOW-UP' if row['blew_up'] else ''}  ({time.perf_counter() - begin:.0f} s)",
-              flush=True)
+        print(
+          f"{variant:22s} {name:17s} seed {seed}  first {row['first_loss']:.3g}  "
+          f"max {row['max_loss']:.3g}  last-20 mean {row['last20_mean']:.4g}  "
+          f"rejected {row['rejected_steps']}  reverted {row['reverted_steps']}"
+          f"{'  BLOW-UP' if row['blew_up'] else ''}  ({time.perf_counter() - begin:.0f} s)",
+          flush=True,
+        )
   summary = {}
   for variant in variants:
     mine = [r for r in rows if r["variant"] == variant]
     summary[variant] = {
-        "blow_ups": sum(r["blew_up"] for r in mine),
-        "runs": len(mine),
-        "last20_mean_by_task": {
-            name: float(np.mean([r["last20_mean"] for r in mine if r["task"] == name]))
-            for name in args.tasks.split(",")},
+      "blow_ups": sum(r["blew_up"] for r in mine),
+      "runs": len(mine),
+      "last20_mean_by_task": {
+        name: float(np.mean([r["last20_mean"] for r in mine if r["task"] == name]))
+        for name in args.tasks.split(",")
+      },
     }
     print(variant, summary[variant])
   if args.adam:
     summary["adam_best_of_grid"] = {
-        name: min(summary[v]["last20_mean_by_task"][name] for v in variants if v.startswith("adam_"))
-        for name in args.tasks.split(",")}
+      name: min(
+        summary[v]["last20_mean_by_task"][name]
+        for v in variants
+        if v.startswith("adam_")
+      )
+      for name in args.tasks.split(",")
+    }
     print("adam_best_of_grid", summary["adam_best_of_grid"])
   result = {
-      "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]) if argv is None else str(argv),
-      "machine": {"platform": platform.platform(), "processor": platform.machine(),
-                  "cpus": os.cpu_count(), "jax": jax.__version__, "backend": jax.default_backend()},
-      "settings": {"steps": args.steps, "num_tangents": args.num_tangents, "learning_rate": 1.0,
-                   "quick": args.quick},
-      "summary": summary,
-      "runs": rows,
+    "command": "python " + " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+    if argv is None
+    else str(argv),
+    "machine": {
+      "platform": platform.platform(),
+      "processor": platform.machine(),
+      "cpus": os.cpu_count(),
+      "jax": jax.__version__,
+      "backend": jax.default_backend(),
+    },
+    "settings": {
+      "steps": args.steps,
+      "num_tangents": args.num_tangents,
+      "learning_rate": 1.0,
+      "quick": args.quick,
+    },
+    "summary": summary,
+    "runs": rows,
   }
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   with open(output, "w") as f:

@@ -38,7 +38,7 @@ import os
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (
-      os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
   ).strip()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -66,7 +66,9 @@ def sofo_step(loss_fn, num_tangents, **axis_names):
   opt = sofo_jax.sofo(0.5, num_tangents, 1e-3, key=jax.random.key(1), **axis_names)
 
   def step(params, state, xs, ys):
-    updates, state = opt.update(None, state, params, loss_fn=lambda p: loss_fn(p, xs, ys))
+    updates, state = opt.update(
+      None, state, params, loss_fn=lambda p: loss_fn(p, xs, ys)
+    )
     return optax.apply_updates(params, updates), state
 
   return opt, step
@@ -115,13 +117,27 @@ def run(n_hidden, batch, horizon, k, device_counts, repeats):
     compiled = jax.jit(single).lower(params, single_state, xs, ys).compile()
     references[name] = compiled(params, single_state, xs, ys)[0]
     timing = _harness.time_call(lambda: compiled(params, single_state, xs, ys), repeats)
-    rows.append(dict(devices=1, mode=name, **_ms(timing), collectives=0,
-                     elements_per_step=0, analytic_elements=0, bytes_per_step=0,
-                     max_update_diff=0.0))
+    rows.append(
+      dict(
+        devices=1,
+        mode=name,
+        **_ms(timing),
+        collectives=0,
+        elements_per_step=0,
+        analytic_elements=0,
+        bytes_per_step=0,
+        max_update_diff=0.0,
+      )
+    )
 
   for devices in device_counts:
-    for mode in ("sofo_data", "sofo_tangent", "sofo_gspmd", "sgd_data",
-                 "sofo_tangent_final"):
+    for mode in (
+      "sofo_data",
+      "sofo_tangent",
+      "sofo_gspmd",
+      "sgd_data",
+      "sofo_tangent_final",
+    ):
       axis = "tangent" if mode.startswith("sofo_tangent") else "data"
       mesh_devices = np.array(jax.devices()[:devices])
       if mode == "sofo_gspmd":
@@ -140,38 +156,63 @@ def run(n_hidden, batch, horizon, k, device_counts, repeats):
       else:
         opt, step = sofo_step(loss_fn, k)
       if mode != "sofo_gspmd":
-        step = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), batch_spec, batch_spec),
-                             out_specs=P(), check_vma=False)
+        step = jax.shard_map(
+          step,
+          mesh=mesh,
+          in_specs=(P(), P(), batch_spec, batch_spec),
+          out_specs=P(),
+          check_vma=False,
+        )
       state = opt.init(params)
       sharding = NamedSharding(mesh, batch_spec)
       replicated = NamedSharding(mesh, P())
-      args = (jax.device_put(params, replicated), jax.device_put(state, replicated),
-              jax.device_put(xs, sharding), jax.device_put(ys, sharding))
+      args = (
+        jax.device_put(params, replicated),
+        jax.device_put(state, replicated),
+        jax.device_put(xs, sharding),
+        jax.device_put(ys, sharding),
+      )
       compiled = jax.jit(step).lower(*args).compile()
       found = hlo.collectives(compiled.as_text())
       new_params = compiled(*args)[0]
       diff = 0.0
       if mode != "sgd_data":
-        reference = references["sofo_single_final" if mode.endswith("final") else "sofo_single"]
-        diff = max(float(jnp.max(jnp.abs(a - b)))
-                   for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(new_params)))
+        reference = references[
+          "sofo_single_final" if mode.endswith("final") else "sofo_single"
+        ]
+        diff = max(
+          float(jnp.max(jnp.abs(a - b)))
+          for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(new_params))
+        )
       timing = _harness.time_call(lambda: compiled(*args), repeats)
       elements = hlo.total_elements(found)
-      rows.append(dict(
-          devices=devices, mode=mode, **_ms(timing), collectives=len(found),
+      rows.append(
+        dict(
+          devices=devices,
+          mode=mode,
+          **_ms(timing),
+          collectives=len(found),
           elements_per_step=elements,
-          analytic_elements=analytic(mode, k, devices, horizon, outputs_per_step, num_params),
+          analytic_elements=analytic(
+            mode, k, devices, horizon, outputs_per_step, num_params
+          ),
           bytes_per_step=sum(c.bytes * (c.count or 0) for c in found),
           max_update_diff=diff,
-      ))
-      print(f"D={devices} {mode}: {rows[-1]['median_ms']:.2f} ms, "
-            f"{elements} elements/step", flush=True)
+        )
+      )
+      print(
+        f"D={devices} {mode}: {rows[-1]['median_ms']:.2f} ms, {elements} elements/step",
+        flush=True,
+      )
   return rows, num_params, outputs_per_step
 
 
 def _ms(timing):
-  return {"min_ms": 1e3 * timing["min_s"], "median_ms": 1e3 * timing["median_s"],
-          "repeats": timing["repeats"]}
+  return {
+    "min_ms": 1e3 * timing["min_s"],
+    "median_ms": 1e3 * timing["median_s"],
+    "repeats": timing["repeats"],
+  }
 
 
 def main():
@@ -187,29 +228,46 @@ def main():
   repeats = args.repeats or (5 if quick else 20)
   device_counts = [d for d in (1, 2, 4, 8) if d <= jax.device_count()]
   rows, num_params, outputs_per_step = run(
-      **config, device_counts=device_counts, repeats=repeats)
-  columns = ["devices", "mode", "min_ms", "median_ms", "collectives",
-             "elements_per_step", "analytic_elements", "bytes_per_step",
-             "max_update_diff"]
+    **config, device_counts=device_counts, repeats=repeats
+  )
+  columns = [
+    "devices",
+    "mode",
+    "min_ms",
+    "median_ms",
+    "collectives",
+    "elements_per_step",
+    "analytic_elements",
+    "bytes_per_step",
+    "max_update_diff",
+  ]
   print()
-  print(f"RNN N={config['n_hidden']} B={config['batch']} T={config['horizon']} "
-        f"K={config['k']}: P={num_params} parameters, "
-        f"{outputs_per_step} outputs per loss step")
+  print(
+    f"RNN N={config['n_hidden']} B={config['batch']} T={config['horizon']} "
+    f"K={config['k']}: P={num_params} parameters, "
+    f"{outputs_per_step} outputs per loss step"
+  )
   print(_harness.markdown_table(rows, columns))
-  path = _harness.write_json("distributed_quick.json" if quick else "distributed.json", {
+  path = _harness.write_json(
+    "distributed_quick.json" if quick else "distributed.json",
+    {
       "benchmark": "distributed",
       "quick": quick,
-      "config": {**config, "num_params": num_params,
-                 "outputs_per_step": outputs_per_step,
-                 "device_counts": device_counts,
-                 "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                 "jaxlib": jaxlib.__version__,
-                 "load_average_at_end": os.getloadavg(),
-                 "note": "forced host devices sharing the CPU cores: no "
-                         "speed-up is expected; elements_per_step counts the "
-                         "elements in the results of all collectives per step"},
+      "config": {
+        **config,
+        "num_params": num_params,
+        "outputs_per_step": outputs_per_step,
+        "device_counts": device_counts,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "jaxlib": jaxlib.__version__,
+        "load_average_at_end": os.getloadavg(),
+        "note": "forced host devices sharing the CPU cores: no "
+        "speed-up is expected; elements_per_step counts the "
+        "elements in the results of all collectives per step",
+      },
       "rows": rows,
-  })
+    },
+  )
   print(f"wrote {path}")
 
 

@@ -58,6 +58,7 @@ steps; writes under the temporary directory unless ``--out`` is given.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib.metadata
 import json
@@ -88,7 +89,10 @@ def _set_environment(argv: list[str]) -> None:
     # Tiny sizes on a CPU, where compiling is most of the time: the CPU
     # fusion emitters more than double the compile time of a SOFO step.
     flags = os.environ.get("XLA_FLAGS", "")
-    for flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"):
+    for flag in (
+      "--xla_backend_optimization_level=0",
+      "--xla_cpu_use_fusion_emitters=false",
+    ):
       if flag.split("=")[0] not in flags:
         flags += " " + flag
     os.environ["XLA_FLAGS"] = flags.strip()
@@ -110,6 +114,7 @@ import remat_baseline
 import sofo_jax
 from sofo_jax import training
 from sofo_jax.tasks import flip_flop
+
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 SKIPPED = "skipped: time budget"
@@ -120,22 +125,32 @@ DEADLINES = {"memory": 0.4, "step_cost": 0.75, "flip_flop": 0.9, "mixed_precisio
 MEMORY_WEIGHTS = {"bptt": 1.0, "sofo": 2.0, "remat": 1.0}
 PRECISIONS = ("float32", "tensorfloat32", "bfloat16")
 SIZES = {
-    "full": {
-        "hidden": (128, 400), "batch": 256, "horizons": (100, 1000),
-        "tangents": (32, 64, 128, 256), "repeats": 5,
-        # BPTT keeps about 1.6 MiB per step at N = 400 (compiled temp), so it
-        # should run out near T = 10^5 on a 141 GB H200; SOFO stays flat.
-        "memory": {"hidden": 400, "tangents": 128,
-                   "horizons": tuple(1000 * 2**i for i in range(9))},
-        "flip_flop": {"config": flip_flop.Config(), "steps": 300},
-        "precision": {"hidden": 400, "horizon": 1000, "tangents": 128},
+  "full": {
+    "hidden": (128, 400),
+    "batch": 256,
+    "horizons": (100, 1000),
+    "tangents": (32, 64, 128, 256),
+    "repeats": 5,
+    # BPTT keeps about 1.6 MiB per step at N = 400 (compiled temp), so it
+    # should run out near T = 10^5 on a 141 GB H200; SOFO stays flat.
+    "memory": {
+      "hidden": 400,
+      "tangents": 128,
+      "horizons": tuple(1000 * 2**i for i in range(9)),
     },
-    "dry_run": {
-        "hidden": (8,), "batch": 4, "horizons": (10, 20), "tangents": (4, 8), "repeats": 2,
-        "memory": {"hidden": 8, "tangents": 8, "horizons": (10, 20)},
-        "flip_flop": {"config": flip_flop.Config.quick(), "steps": 5},
-        "precision": {"hidden": 8, "horizon": 20, "tangents": 8},
-    },
+    "flip_flop": {"config": flip_flop.Config(), "steps": 300},
+    "precision": {"hidden": 400, "horizon": 1000, "tangents": 128},
+  },
+  "dry_run": {
+    "hidden": (8,),
+    "batch": 4,
+    "horizons": (10, 20),
+    "tangents": (4, 8),
+    "repeats": 2,
+    "memory": {"hidden": 8, "tangents": 8, "horizons": (10, 20)},
+    "flip_flop": {"config": flip_flop.Config.quick(), "steps": 5},
+    "precision": {"hidden": 8, "horizon": 20, "tangents": 8},
+  },
 }
 
 
@@ -191,10 +206,14 @@ def checkpointed_scan(f, init, xs):
   split = num_segments * length
   # Inside a scan XLA cannot fold the recomputation back into the forward
   # pass, so prevent_cse's extra barriers would only cost time.
-  segment = jax.checkpoint(lambda carry, x: jax.lax.scan(f, carry, x), prevent_cse=False)
-  head = jax.tree.map(lambda x: x[:split].reshape((num_segments, length) + x.shape[1:]), xs)
+  segment = jax.checkpoint(
+    lambda carry, x: jax.lax.scan(f, carry, x), prevent_cse=False
+  )
+  head = jax.tree.map(
+    lambda x: x[:split].reshape((num_segments, length, *x.shape[1:])), xs
+  )
   carry, ys = jax.lax.scan(segment, init, head)
-  ys = jax.tree.map(lambda y: y.reshape((split,) + y.shape[2:]), ys)
+  ys = jax.tree.map(lambda y: y.reshape((split, *y.shape[2:])), ys)
   if split < horizon:
     carry, tail = segment(carry, jax.tree.map(lambda x: x[split:], xs))
     ys = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys, tail)
@@ -245,7 +264,10 @@ def bare_jvp(params, tangents, xs, ys):
 
 
 def _max_diff(a, b) -> float:
-  return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return max(
+    float(jnp.max(jnp.abs(x - y)))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
 
 
 def check_remat(params, xs, ys) -> dict:
@@ -260,12 +282,18 @@ def check_remat(params, xs, ys) -> dict:
     difference below 1e-3: TF32 matmuls on a GPU round differently).
   """
   grad = lambda fn: jax.jit(jax.value_and_grad(lambda p: fn(p, xs, ys).value))(params)
-  (value, grads), (remat_value, remat_grads) = grad(_rnn_problem.loss_fn), grad(remat_loss_fn)
+  (value, grads), (remat_value, remat_grads) = (
+    grad(_rnn_problem.loss_fn),
+    grad(remat_loss_fn),
+  )
   scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads))
   relative = _max_diff(remat_grads, grads) / scale
-  return {"loss_abs_diff": float(jnp.abs(remat_value - value)),
-          "grad_max_abs_diff": _max_diff(remat_grads, grads),
-          "grad_max_rel_diff": relative, "agree": relative < 1e-3}
+  return {
+    "loss_abs_diff": float(jnp.abs(remat_value - value)),
+    "grad_max_abs_diff": _max_diff(remat_grads, grads),
+    "grad_max_rel_diff": relative,
+    "agree": relative < 1e-3,
+  }
 
 
 # --------------------------------------------------------------------------
@@ -283,8 +311,9 @@ def _device_bytes(name: str):
   return None if stats is None else stats.get(name)
 
 
-def measure_memory_point(method: str, hidden: int, batch: int, horizon: int,
-                         num_tangents: int) -> dict:
+def measure_memory_point(
+  method: str, hidden: int, batch: int, horizon: int, num_tangents: int
+) -> dict:
   """Compiles and runs one step at horizon T; its memory, in a fresh process.
 
   Args:
@@ -306,10 +335,12 @@ def measure_memory_point(method: str, hidden: int, batch: int, horizon: int,
     state = init(params)
     compiled = step.lower(params, state, xs, ys).compile()
     analysis = compiled.memory_analysis()
-    row.update(temp_bytes=int(analysis.temp_size_in_bytes),
-               argument_bytes=int(analysis.argument_size_in_bytes),
-               output_bytes=int(analysis.output_size_in_bytes),
-               compile_s=time.perf_counter() - begin)
+    row.update(
+      temp_bytes=int(analysis.temp_size_in_bytes),
+      argument_bytes=int(analysis.argument_size_in_bytes),
+      output_bytes=int(analysis.output_size_in_bytes),
+      compile_s=time.perf_counter() - begin,
+    )
     jax.block_until_ready((params, state, xs, ys))
     row["bytes_in_use_before"] = _device_bytes("bytes_in_use")
     run_begin = time.perf_counter()
@@ -335,17 +366,25 @@ def memory_worker(method: str, config: dict) -> None:
     config: ``hidden``, ``batch``, ``tangents``, ``horizons``, ``deadline_s``.
   """
   begin = time.perf_counter()
-  print("MEMORY_INFO " + json.dumps({
-      "bytes_limit": _device_bytes("bytes_limit"),
-      "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
-      "preallocate": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE")}), flush=True)
+  print(
+    "MEMORY_INFO "
+    + json.dumps(
+      {
+        "bytes_limit": _device_bytes("bytes_limit"),
+        "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
+        "preallocate": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"),
+      }
+    ),
+    flush=True,
+  )
   predicted = 0.0
   for horizon in config["horizons"]:
     if time.perf_counter() - begin + predicted > config["deadline_s"]:
       row = {"T": horizon, "status": SKIPPED}
     else:
-      row = measure_memory_point(method, config["hidden"], config["batch"], horizon,
-                                 config["tangents"])
+      row = measure_memory_point(
+        method, config["hidden"], config["batch"], horizon, config["tangents"]
+      )
       # Doubling T about doubles the run time; compiling takes about as long.
       predicted = row.get("compile_s", 0.0) + 2.2 * row.get("run_s", 0.0)
     print("MEMORY_ROW " + json.dumps(row), flush=True)
@@ -364,10 +403,21 @@ def _run_worker(method: str, config: dict) -> tuple[dict, list[dict], str]:
     ``(info, rows, stderr_tail)``; a worker killed by the timeout (or that
     crashed) keeps the rows it printed, followed by a row saying why it ended.
   """
-  command = [sys.executable, str(Path(__file__).resolve()), WORKER_FLAG, method, json.dumps(config)]
+  command = [
+    sys.executable,
+    str(Path(__file__).resolve()),
+    WORKER_FLAG,
+    method,
+    json.dumps(config),
+  ]
   try:
-    done = subprocess.run(command, capture_output=True, text=True, check=False,
-                          timeout=config["deadline_s"] + 120)
+    done = subprocess.run(
+      command,
+      capture_output=True,
+      text=True,
+      check=False,
+      timeout=config["deadline_s"] + 120,
+    )
     stdout, stderr, ending = done.stdout, done.stderr, done.returncode
   except subprocess.TimeoutExpired as expired:
     decode = lambda b: b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
@@ -400,8 +450,14 @@ def memory_section(sizes: dict, budget: Budget) -> dict:
   memory (the crossover needs nothing beyond it, and time is short).
   """
   spec = sizes["memory"]
-  result = {"N": spec["hidden"], "B": sizes["batch"], "K": spec["tangents"],
-            "horizons": list(spec["horizons"]), "series": {}, "worker_info": {}}
+  result = {
+    "N": spec["hidden"],
+    "B": sizes["batch"],
+    "K": spec["tangents"],
+    "horizons": list(spec["horizons"]),
+    "series": {},
+    "worker_info": {},
+  }
   horizons = list(spec["horizons"])
   weights = dict(MEMORY_WEIGHTS)
   for method in MEMORY_WEIGHTS:
@@ -411,8 +467,13 @@ def memory_section(sizes: dict, budget: Budget) -> dict:
     if left <= 0:
       result["series"][method] = [{"status": SKIPPED}]
       continue
-    config = {"hidden": spec["hidden"], "batch": sizes["batch"], "tangents": spec["tangents"],
-              "horizons": horizons, "deadline_s": share}
+    config = {
+      "hidden": spec["hidden"],
+      "batch": sizes["batch"],
+      "tangents": spec["tangents"],
+      "horizons": horizons,
+      "deadline_s": share,
+    }
     info, rows, stderr = _run_worker(method, config)
     if method == "bptt" and rows and rows[-1].get("status") == "oom":
       horizons = [t for t in horizons if t <= rows[-1]["T"]]
@@ -420,8 +481,7 @@ def memory_section(sizes: dict, budget: Budget) -> dict:
     result["worker_info"][method] = info
     if rows and rows[-1].get("status") not in ("ok", "oom", SKIPPED):
       result.setdefault("worker_stderr", {})[method] = stderr
-    _log(f"memory {method}: " + ", ".join(
-        f"T={r.get('T')} {_mib(r)}" for r in rows))
+    _log(f"memory {method}: " + ", ".join(f"T={r.get('T')} {_mib(r)}" for r in rows))
   result["crossover_T"] = crossover(result["series"])
   return result
 
@@ -431,14 +491,20 @@ def _mib(row: dict) -> str:
   if row.get("status") != "ok":
     return row.get("status", "?")
   peak = row.get("peak_bytes_in_use")
-  return f"peak {peak / 2**20:.1f} MiB" if peak else f"temp {row['temp_bytes'] / 2**20:.2f} MiB"
+  return (
+    f"peak {peak / 2**20:.1f} MiB"
+    if peak
+    else f"temp {row['temp_bytes'] / 2**20:.2f} MiB"
+  )
 
 
 # --------------------------------------------------------------------------
 # Section 2: step cost.
 
 
-def step_cost_group(hidden: int, batch: int, horizon: int, tangent_counts, repeats: int) -> dict:
+def step_cost_group(
+  hidden: int, batch: int, horizon: int, tangent_counts, repeats: int
+) -> dict:
   """Times every program of one (N, T) round-robin; rows per K.
 
   Args:
@@ -465,39 +531,60 @@ def step_cost_group(hidden: int, batch: int, horizon: int, tangent_counts, repea
   rows = []
   for k in tangent_counts:
     sofo = samples[f"sofo_K{k}"]
-    over = {name: _harness.ratio_stats(sofo, samples[name])
-            for name in (f"jvp_K{k}", "adam_bptt", "adam_remat")}
-    rows.append({
-        "N": hidden, "B": batch, "T": horizon, "K": k,
-        "jvp_ms": ms[f"jvp_K{k}"], "sofo_ms": ms[f"sofo_K{k}"],
-        "adam_bptt_ms": ms["adam_bptt"], "adam_remat_ms": ms["adam_remat"],
+    over = {
+      name: _harness.ratio_stats(sofo, samples[name])
+      for name in (f"jvp_K{k}", "adam_bptt", "adam_remat")
+    }
+    rows.append(
+      {
+        "N": hidden,
+        "B": batch,
+        "T": horizon,
+        "K": k,
+        "jvp_ms": ms[f"jvp_K{k}"],
+        "sofo_ms": ms[f"sofo_K{k}"],
+        "adam_bptt_ms": ms["adam_bptt"],
+        "adam_remat_ms": ms["adam_remat"],
         "sofo_over_jvp": over[f"jvp_K{k}"]["median"],
         "sofo_over_jvp_iqr": [over[f"jvp_K{k}"]["q1"], over[f"jvp_K{k}"]["q3"]],
         "sofo_over_adam": over["adam_bptt"]["median"],
         "sofo_over_adam_iqr": [over["adam_bptt"]["q1"], over["adam_bptt"]["q3"]],
         "sofo_over_adam_remat": over["adam_remat"]["median"],
-    })
+      }
+    )
   return {"N": hidden, "T": horizon, "rows": rows, "timings": timings}
 
 
 def step_cost_section(sizes: dict, repeats: int, budget: Budget) -> dict:
   """Section 2: every (N, T) group, while the budget lasts."""
-  params, xs, ys = _rnn_problem.make(sizes["hidden"][0], sizes["batch"], sizes["horizons"][0])
-  result = {"B": sizes["batch"], "repeats": repeats, "adam_learning_rate": ADAM_LEARNING_RATE,
-            "remat_check": check_remat(params, xs, ys), "groups": [], "rows": []}
+  params, xs, ys = _rnn_problem.make(
+    sizes["hidden"][0], sizes["batch"], sizes["horizons"][0]
+  )
+  result = {
+    "B": sizes["batch"],
+    "repeats": repeats,
+    "adam_learning_rate": ADAM_LEARNING_RATE,
+    "remat_check": check_remat(params, xs, ys),
+    "groups": [],
+    "rows": [],
+  }
   for hidden in sizes["hidden"]:
     for horizon in sizes["horizons"]:
       if budget.left("step_cost") <= 0:
         result["groups"].append({"N": hidden, "T": horizon, "status": SKIPPED})
         continue
-      group = step_cost_group(hidden, sizes["batch"], horizon, sizes["tangents"], repeats)
+      group = step_cost_group(
+        hidden, sizes["batch"], horizon, sizes["tangents"], repeats
+      )
       result["groups"].append(group)
       result["rows"].extend(group["rows"])
       for row in group["rows"]:
-        _log(f"N={hidden} T={horizon} K={row['K']}: jvp {row['jvp_ms']:.2f} ms, "
-             f"sofo {row['sofo_ms']:.2f} ms, adam {row['adam_bptt_ms']:.2f} ms, "
-             f"remat {row['adam_remat_ms']:.2f} ms; sofo/jvp {row['sofo_over_jvp']:.2f}, "
-             f"sofo/adam {row['sofo_over_adam']:.2f}")
+        _log(
+          f"N={hidden} T={horizon} K={row['K']}: jvp {row['jvp_ms']:.2f} ms, "
+          f"sofo {row['sofo_ms']:.2f} ms, adam {row['adam_bptt_ms']:.2f} ms, "
+          f"remat {row['adam_remat_ms']:.2f} ms; sofo/jvp {row['sofo_over_jvp']:.2f}, "
+          f"sofo/adam {row['sofo_over_adam']:.2f}"
+        )
   return result
 
 
@@ -510,27 +597,34 @@ def flip_flop_section(sizes: dict, budget: Budget) -> dict:
   spec = sizes["flip_flop"]
   config = spec["config"]
   task = flip_flop.make(config)
-  result = {"config": {name: getattr(config, name) for name in config.__dataclass_fields__},
-            "steps": spec["steps"], "methods": {}}
+  result = {
+    "config": {name: getattr(config, name) for name in config.__dataclass_fields__},
+    "steps": spec["steps"],
+    "methods": {},
+  }
   for method in ("sofo", "adam"):
     if budget.left("flip_flop") <= 0:
       result["methods"][method] = {"status": SKIPPED}
       continue
-    history = training.fit(task, method, spec["steps"], key=jax.random.key(0), progress=False)
-    tail = history.losses[-max(1, spec["steps"] // 10):]
+    history = training.fit(
+      task, method, spec["steps"], key=jax.random.key(0), progress=False
+    )
+    tail = history.losses[-max(1, spec["steps"] // 10) :]
     result["methods"][method] = {
-        "learning_rate": float(history.settings["learning_rate"]),
-        "num_tangents": history.settings["num_tangents"],
-        "loss": [float(x) for x in history.losses],
-        "seconds": [float(x) for x in history.seconds],
-        "final_loss": float(np.mean(tail)),
-        "total_s": float(history.seconds[-1]),
-        "ms_per_step": 1e3 * float(history.seconds[-1]) / spec["steps"],
-        "num_nonfinite_steps": history.num_nonfinite_steps,
+      "learning_rate": float(history.settings["learning_rate"]),
+      "num_tangents": history.settings["num_tangents"],
+      "loss": [float(x) for x in history.losses],
+      "seconds": [float(x) for x in history.seconds],
+      "final_loss": float(np.mean(tail)),
+      "total_s": float(history.seconds[-1]),
+      "ms_per_step": 1e3 * float(history.seconds[-1]) / spec["steps"],
+      "num_nonfinite_steps": history.num_nonfinite_steps,
     }
     entry = result["methods"][method]
-    _log(f"flip_flop {method}: final loss {entry['final_loss']:.4g}, "
-         f"{entry['ms_per_step']:.2f} ms/step")
+    _log(
+      f"flip_flop {method}: final loss {entry['final_loss']:.4g}, "
+      f"{entry['ms_per_step']:.2f} ms/step"
+    )
   return result
 
 
@@ -540,9 +634,11 @@ def flip_flop_section(sizes: dict, budget: Budget) -> dict:
 
 def _under(precision: str, fn):
   """``fn`` called with the default matmul precision set (jit retraces per setting)."""
+
   def call():
     with jax.default_matmul_precision(precision):
       return fn()
+
   return call
 
 
@@ -554,25 +650,43 @@ def precision_section(sizes: dict, repeats: int) -> dict:
   tangents = sofo_jax.sample_tangents(jax.random.key(2), params, spec["tangents"])
   calls = {}
   for precision in PRECISIONS:
-    calls[f"sofo_{precision}"] = _under(precision, functools.partial(step, params, init(params), xs, ys))
-    calls[f"jvp_{precision}"] = _under(precision, functools.partial(bare_jvp, params, tangents, xs, ys))
+    calls[f"sofo_{precision}"] = _under(
+      precision, functools.partial(step, params, init(params), xs, ys)
+    )
+    calls[f"jvp_{precision}"] = _under(
+      precision, functools.partial(bare_jvp, params, tangents, xs, ys)
+    )
   timings = _harness.time_interleaved(calls, repeats)
   reference = np.asarray(calls["jvp_float32"]()[1])
   rows = []
   for precision in PRECISIONS:
     derivatives = np.asarray(calls[f"jvp_{precision}"]()[1])
     sofo = timings[f"sofo_{precision}"]["samples_s"]
-    rows.append({
+    rows.append(
+      {
         "precision": precision,
         "sofo_ms": 1e3 * timings[f"sofo_{precision}"]["median_s"],
         "jvp_ms": 1e3 * timings[f"jvp_{precision}"]["median_s"],
-        "sofo_over_float32": _harness.ratio_stats(sofo, timings["sofo_float32"]["samples_s"])["median"],
-        "jvp_rel_error": float(np.linalg.norm(derivatives - reference) / np.linalg.norm(reference)),
-    })
-    _log(f"precision {precision}: sofo {rows[-1]['sofo_ms']:.2f} ms "
-         f"({rows[-1]['sofo_over_float32']:.2f}x float32), jvp error {rows[-1]['jvp_rel_error']:.1e}")
-  return {"N": spec["hidden"], "B": sizes["batch"], "T": spec["horizon"], "K": spec["tangents"],
-          "rows": rows, "timings": timings}
+        "sofo_over_float32": _harness.ratio_stats(
+          sofo, timings["sofo_float32"]["samples_s"]
+        )["median"],
+        "jvp_rel_error": float(
+          np.linalg.norm(derivatives - reference) / np.linalg.norm(reference)
+        ),
+      }
+    )
+    _log(
+      f"precision {precision}: sofo {rows[-1]['sofo_ms']:.2f} ms "
+      f"({rows[-1]['sofo_over_float32']:.2f}x float32), jvp error {rows[-1]['jvp_rel_error']:.1e}"
+    )
+  return {
+    "N": spec["hidden"],
+    "B": sizes["batch"],
+    "T": spec["horizon"],
+    "K": spec["tangents"],
+    "rows": rows,
+    "timings": timings,
+  }
 
 
 # --------------------------------------------------------------------------
@@ -588,15 +702,15 @@ def cuda_versions() -> dict | None:
     package version.
   """
   from jax._src.lib import cuda_versions as module  # pylint: disable=g-import-not-at-top
+
   if module is None:
     return None
   found = {}
   for name in dir(module):
     if name.endswith("_version") and not name.startswith("_"):
-      try:
+      # Some need an argument (a device) or a library that is absent.
+      with contextlib.suppress(Exception):
         found[name] = getattr(module, name)()
-      except Exception:  # pylint: disable=broad-except
-        pass  # needs an argument (a device) or a library that is absent
   for package in ("jax-cuda13-plugin", "jax-cuda12-plugin"):
     try:
       found["plugin"] = f"{package} {importlib.metadata.version(package)}"
@@ -620,16 +734,27 @@ def _cuda_version(info: str, versions: dict | None) -> str | None:
 def environment() -> dict:
   """Device, versions and the XLA settings of this run."""
   import jaxlib  # pylint: disable=g-import-not-at-top
+
   info = jax.print_environment_info(return_string=True)
   versions = cuda_versions()
   devices = jax.devices()
   return {
-      "device_kind": devices[0].device_kind, "device_count": len(devices),
-      "platform": devices[0].platform, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-      "cuda_version": _cuda_version(info, versions), "cuda_versions": versions,
-      "jax_environment_info": info,
-      "xla_env": {name: os.environ.get(name) for name in (
-          "XLA_FLAGS", "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION")},
+    "device_kind": devices[0].device_kind,
+    "device_count": len(devices),
+    "platform": devices[0].platform,
+    "jax": jax.__version__,
+    "jaxlib": jaxlib.__version__,
+    "cuda_version": _cuda_version(info, versions),
+    "cuda_versions": versions,
+    "jax_environment_info": info,
+    "xla_env": {
+      name: os.environ.get(name)
+      for name in (
+        "XLA_FLAGS",
+        "XLA_PYTHON_CLIENT_PREALLOCATE",
+        "XLA_PYTHON_CLIENT_MEM_FRACTION",
+      )
+    },
   }
 
 
@@ -646,17 +771,34 @@ def _section(name: str, budget: Budget, run) -> dict:
 
 
 def _parse(argv):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--out", default=None,
-                      help="output directory for gpu.json (default benchmarks/results; "
-                           "with --dry-run, under the temporary directory)")
-  parser.add_argument("--dry-run", "--quick", dest="dry_run", action="store_true",
-                      help="tiny sizes, for a CPU, in seconds")
-  parser.add_argument("--budget-s", type=float, default=420.0,
-                      help="wall-clock budget; later items are skipped past it (default 420)")
-  parser.add_argument("--repeats", type=int, default=None,
-                      help="timed rounds per group (default 5; 2 with --dry-run)")
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument(
+    "--out",
+    default=None,
+    help="output directory for gpu.json (default benchmarks/results; "
+    "with --dry-run, under the temporary directory)",
+  )
+  parser.add_argument(
+    "--dry-run",
+    "--quick",
+    dest="dry_run",
+    action="store_true",
+    help="tiny sizes, for a CPU, in seconds",
+  )
+  parser.add_argument(
+    "--budget-s",
+    type=float,
+    default=420.0,
+    help="wall-clock budget; later items are skipped past it (default 420)",
+  )
+  parser.add_argument(
+    "--repeats",
+    type=int,
+    default=None,
+    help="timed rounds per group (default 5; 2 with --dry-run)",
+  )
   return parser.parse_args(argv)
 
 
@@ -670,27 +812,47 @@ def main(argv=None):
   mode = "dry_run" if args.dry_run else "full"
   sizes = SIZES[mode]
   repeats = args.repeats or sizes["repeats"]
-  default_out = Path(tempfile.gettempdir()) / "sofo_gpu_dry_run" if args.dry_run else _harness.RESULTS
+  default_out = (
+    Path(tempfile.gettempdir()) / "sofo_gpu_dry_run"
+    if args.dry_run
+    else _harness.RESULTS
+  )
   out = Path(args.out) if args.out else default_out
   out.mkdir(parents=True, exist_ok=True)
   path = out / "gpu.json"
   payload = {
-      "command": [sys.executable, *sys.argv], "mode": mode, "budget_s": args.budget_s,
-      "environment": environment(),
-      "config": {"hidden": sizes["hidden"], "batch": sizes["batch"], "horizons": sizes["horizons"],
-                 "tangents": sizes["tangents"], "repeats": repeats, "memory": sizes["memory"],
-                 "flip_flop_steps": sizes["flip_flop"]["steps"], "precision": sizes["precision"]},
+    "command": [sys.executable, *sys.argv],
+    "mode": mode,
+    "budget_s": args.budget_s,
+    "environment": environment(),
+    "config": {
+      "hidden": sizes["hidden"],
+      "batch": sizes["batch"],
+      "horizons": sizes["horizons"],
+      "tangents": sizes["tangents"],
+      "repeats": repeats,
+      "memory": sizes["memory"],
+      "flip_flop_steps": sizes["flip_flop"]["steps"],
+      "precision": sizes["precision"],
+    },
   }
-  _log(f"{mode} on {payload['environment']['device_kind']}, budget {args.budget_s:.0f} s, "
-       f"writing {path}")
+  _log(
+    f"{mode} on {payload['environment']['device_kind']}, budget {args.budget_s:.0f} s, "
+    f"writing {path}"
+  )
   # The memory sweep runs first, before this process holds large buffers;
   # the JSON lists the sections in the issue's order.
-  sections = {"step_cost": None, "memory": None, "flip_flop": None, "mixed_precision": None}
+  sections = {
+    "step_cost": None,
+    "memory": None,
+    "flip_flop": None,
+    "mixed_precision": None,
+  }
   runs = {
-      "memory": lambda: memory_section(sizes, budget),
-      "step_cost": lambda: step_cost_section(sizes, repeats, budget),
-      "flip_flop": lambda: flip_flop_section(sizes, budget),
-      "mixed_precision": lambda: precision_section(sizes, repeats),
+    "memory": lambda: memory_section(sizes, budget),
+    "step_cost": lambda: step_cost_section(sizes, repeats, budget),
+    "flip_flop": lambda: flip_flop_section(sizes, budget),
+    "mixed_precision": lambda: precision_section(sizes, repeats),
   }
   for name, run in runs.items():
     sections[name] = _section(name, budget, run)

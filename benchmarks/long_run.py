@@ -42,27 +42,27 @@ import sofo_jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sofo_jax import losses  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CONFIG = {
-    "n_hidden": 16,
-    "horizon": 20,
-    "delay": 3,
-    "batch": 32,
-    "num_tangents": 32,
-    "learning_rate": 0.5,
-    "damping": 1e-3,
-    "adam_learning_rate": 3e-3,
-    "chunk": 250,
-    "seed": 0,
+  "n_hidden": 16,
+  "horizon": 20,
+  "delay": 3,
+  "batch": 32,
+  "num_tangents": 32,
+  "learning_rate": 0.5,
+  "damping": 1e-3,
+  "adam_learning_rate": 3e-3,
+  "chunk": 250,
+  "seed": 0,
 }
 
 
 def init_params(key, n_hidden):
   k_rec, k_in, k_out = jax.random.split(key, 3)
   return {
-      "w_rec": 0.9 * jax.random.normal(k_rec, (n_hidden, n_hidden)) / math.sqrt(n_hidden),
-      "w_in": jax.random.normal(k_in, (1, n_hidden)),
-      "b": jnp.zeros(n_hidden),
-      "w_out": jax.random.normal(k_out, (n_hidden, 1)) / math.sqrt(n_hidden),
-      "b_out": jnp.zeros(1),
+    "w_rec": 0.9 * jax.random.normal(k_rec, (n_hidden, n_hidden)) / math.sqrt(n_hidden),
+    "w_in": jax.random.normal(k_in, (1, n_hidden)),
+    "b": jnp.zeros(n_hidden),
+    "w_out": jax.random.normal(k_out, (n_hidden, 1)) / math.sqrt(n_hidden),
+    "b_out": jnp.zeros(1),
   }
 
 
@@ -95,6 +95,7 @@ def all_finite(tree) -> bool:
 
 def make_chunk(update, config):
   """``chunk`` training steps in one ``lax.scan``; returns per-step records."""
+
   @jax.jit
   def run_chunk(params, state, data_key, first_step):
     def body(carry, step):
@@ -102,23 +103,34 @@ def make_chunk(update, config):
       xs, ys = batch(jax.random.fold_in(data_key, step), config)
       params, state, record = update(params, state, xs, ys)
       return (params, state), record
+
     steps = first_step + jnp.arange(config["chunk"])
     return jax.lax.scan(body, (params, state), steps)
+
   return run_chunk
 
 
 def sofo_update(config):
   opt = sofo_jax.sofo(
-      config["learning_rate"], config["num_tangents"], config["damping"],
-      key=jax.random.key(config["seed"] + 1),
+    config["learning_rate"],
+    config["num_tangents"],
+    config["damping"],
+    key=jax.random.key(config["seed"] + 1),
   )
 
   def update(params, state, xs, ys):
-    updates, state = opt.update(None, state, params, loss_fn=lambda p: loss_fn(p, xs, ys))
+    updates, state = opt.update(
+      None, state, params, loss_fn=lambda p: loss_fn(p, xs, ys)
+    )
     diagnostics = sofo_jax.get_diagnostics(state)
-    return optax.apply_updates(params, updates), state, {
-        "loss": diagnostics.loss, "finite": diagnostics.step_is_finite,
-    }
+    return (
+      optax.apply_updates(params, updates),
+      state,
+      {
+        "loss": diagnostics.loss,
+        "finite": diagnostics.step_is_finite,
+      },
+    )
 
   return opt, update
 
@@ -129,9 +141,14 @@ def adam_update(config):
   def update(params, state, xs, ys):
     value, grads = jax.value_and_grad(lambda p: loss_fn(p, xs, ys).value)(params)
     updates, state = opt.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, {
-        "loss": value, "finite": jnp.isfinite(value),
-    }
+    return (
+      optax.apply_updates(params, updates),
+      state,
+      {
+        "loss": value,
+        "finite": jnp.isfinite(value),
+      },
+    )
 
   return opt, update
 
@@ -160,22 +177,25 @@ def train(name, make, num_steps, config):
       raise RuntimeError(f"{name}: a step reported finite has a non-finite loss")
     chunk_means.append(float(np.mean(loss[finite])) if finite.any() else float("nan"))
     done = first + config["chunk"]
-    print(f"  {name:5s} step {done:6d}/{num_steps}  loss {chunk_means[-1]:.5f}  "
-          f"skipped {skipped}  {time.perf_counter() - start:6.1f}s", flush=True)
+    print(
+      f"  {name:5s} step {done:6d}/{num_steps}  loss {chunk_means[-1]:.5f}  "
+      f"skipped {skipped}  {time.perf_counter() - start:6.1f}s",
+      flush=True,
+    )
   wall_s = time.perf_counter() - start
 
   result = {
-      "steps": num_steps,
-      "wall_s": wall_s,
-      "ms_per_step": 1e3 * wall_s / num_steps,
-      "compile_s": compile_s,
-      "first_chunk_loss": chunk_means[0],
-      "final_chunk_loss": chunk_means[-1],
-      "chunk_mean_losses": chunk_means,
-      "skipped_steps": skipped,
-      "params_finite": nonfinite_params_at is None,
-      "nonfinite_params_after_step": nonfinite_params_at,
-      "max_abs_param": float(max(jnp.max(jnp.abs(x)) for x in jax.tree.leaves(params))),
+    "steps": num_steps,
+    "wall_s": wall_s,
+    "ms_per_step": 1e3 * wall_s / num_steps,
+    "compile_s": compile_s,
+    "first_chunk_loss": chunk_means[0],
+    "final_chunk_loss": chunk_means[-1],
+    "chunk_mean_losses": chunk_means,
+    "skipped_steps": skipped,
+    "params_finite": nonfinite_params_at is None,
+    "nonfinite_params_after_step": nonfinite_params_at,
+    "max_abs_param": float(max(jnp.max(jnp.abs(x)) for x in jax.tree.leaves(params))),
   }
   if name == "sofo":
     diagnostics = sofo_jax.get_diagnostics(state)
@@ -200,30 +220,61 @@ def main():
   num_steps = config["chunk"] * math.ceil(num_steps / config["chunk"])
   params = init_params(jax.random.key(0), config["n_hidden"])
   num_params = sum(x.size for x in jax.tree.leaves(params))
-  print(f"long run: {num_steps} steps, vanilla RNN N={config['n_hidden']}, "
-        f"P={num_params}, K={config['num_tangents']}, T={config['horizon']}")
+  print(
+    f"long run: {num_steps} steps, vanilla RNN N={config['n_hidden']}, "
+    f"P={num_params}, K={config['num_tangents']}, T={config['horizon']}"
+  )
 
   results = {}
   for name, make in (("sofo", sofo_update), ("adam", adam_update)):
     results[name] = train(name, make, num_steps, config)
 
   payload = {
-      "config": {**config, "steps": num_steps, "num_params": num_params, "quick": quick},
-      "versions": {"sofo_jax": sofo_jax.__version__, "jaxlib": jaxlib.__version__,
-                   "numpy": np.__version__},
-      "task": "delayed copy (y_t = x_{t-3}), white-noise inputs, fresh batch each step",
-      "results": results,
-      # Predicting x_{t-3} with nothing learned (output 0) costs 1 per step
-      # except the first `delay` steps: a reference for the losses above.
-      "zero_output_loss": (config["horizon"] - config["delay"]) / config["horizon"],
+    "config": {**config, "steps": num_steps, "num_params": num_params, "quick": quick},
+    "versions": {
+      "sofo_jax": sofo_jax.__version__,
+      "jaxlib": jaxlib.__version__,
+      "numpy": np.__version__,
+    },
+    "task": "delayed copy (y_t = x_{t-3}), white-noise inputs, fresh batch each step",
+    "results": results,
+    # Predicting x_{t-3} with nothing learned (output 0) costs 1 per step
+    # except the first `delay` steps: a reference for the losses above.
+    "zero_output_loss": (config["horizon"] - config["delay"]) / config["horizon"],
   }
-  path = _harness.write_json("long_run_quick.json" if quick else "long_run.json", payload)
-  print(_harness.markdown_table(
-      [{"method": k, **{c: v[c] for c in ("steps", "wall_s", "ms_per_step", "final_chunk_loss",
-                                          "skipped_steps", "params_finite")}}
-       for k, v in results.items()],
-      ["method", "steps", "wall_s", "ms_per_step", "final_chunk_loss", "skipped_steps",
-       "params_finite"]))
+  path = _harness.write_json(
+    "long_run_quick.json" if quick else "long_run.json", payload
+  )
+  print(
+    _harness.markdown_table(
+      [
+        {
+          "method": k,
+          **{
+            c: v[c]
+            for c in (
+              "steps",
+              "wall_s",
+              "ms_per_step",
+              "final_chunk_loss",
+              "skipped_steps",
+              "params_finite",
+            )
+          },
+        }
+        for k, v in results.items()
+      ],
+      [
+        "method",
+        "steps",
+        "wall_s",
+        "ms_per_step",
+        "final_chunk_loss",
+        "skipped_steps",
+        "params_finite",
+      ],
+    )
+  )
   print(f"wrote {path}")
   if not all(r["params_finite"] for r in results.values()):
     sys.exit(1)

@@ -24,6 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import _harness
 import jax
 import numpy as np
 
@@ -31,11 +32,11 @@ import sofo_jax
 from sofo_jax import training
 from sofo_jax.tasks import neurogym
 
-import _harness
-
 ENVS = ("MultiSensoryIntegration-v0", "PerceptualDecisionMaking-v0")
-VARIANTS = {"min_rho_0.25 (default)": {},
-            "min_rho_0.5": {"step_control": sofo_jax.StepControl(min_rho=0.5)}}
+VARIANTS = {
+  "min_rho_0.25 (default)": {},
+  "min_rho_0.5": {"step_control": sofo_jax.StepControl(min_rho=0.5)},
+}
 HELD_OUT_SEED = 2024
 HELD_OUT_BATCHES = 8
 
@@ -45,8 +46,14 @@ def main(argv=None) -> int:
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--output", default=None)
   args = parser.parse_args(argv)
-  out = Path(args.output or (Path(tempfile.gettempdir()) / "neurogym_check.json" if args.quick
-                             else Path(__file__).parent / "results" / "neurogym_check.json"))
+  out = Path(
+    args.output
+    or (
+      Path(tempfile.gettempdir()) / "neurogym_check.json"
+      if args.quick
+      else Path(__file__).parent / "results" / "neurogym_check.json"
+    )
+  )
   steps, seeds = (3, 1) if args.quick else (200, 3)
   rows = []
   for env in ENVS:
@@ -56,17 +63,26 @@ def main(argv=None) -> int:
     held_out = [{k: v[i] for k, v in pool.items()} for i in range(HELD_OUT_BATCHES)]
     for variant, options in VARIANTS.items():
       for seed in range(seeds):
-        history = training.fit(task, "sofo", steps, key=jax.random.key(seed), progress=False,
-                               **options)
+        history = training.fit(
+          task, "sofo", steps, key=jax.random.key(seed), progress=False, **options
+        )
         metrics = [task.metrics(history.params, batch) for batch in held_out]
-        row = {"env": env, "variant": variant, "seed": seed,
-               "last20_loss": float(np.mean(history.losses[-20:])),
-               **{k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}}
+        row = {
+          "env": env,
+          "variant": variant,
+          "seed": seed,
+          "last20_loss": float(np.mean(history.losses[-20:])),
+          **{k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]},
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
-  payload = {"command": "python " + " ".join(["benchmarks/neurogym_check.py", *sys.argv[1:]]),
-             "machine": _harness.machine(), "steps": steps,
-             "config": dataclasses.asdict(neurogym.Config()), "rows": rows}
+  payload = {
+    "command": "python " + " ".join(["benchmarks/neurogym_check.py", *sys.argv[1:]]),
+    "machine": _harness.machine(),
+    "steps": steps,
+    "config": dataclasses.asdict(neurogym.Config()),
+    "rows": rows,
+  }
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(payload, indent=1, default=str))
   print(f"wrote {out}")

@@ -70,6 +70,7 @@ def _run_steps(model, carry, observations, latent):
   Mirrors ``kalman.make``'s ``loss_fn`` step for step (same model call, same
   ``losses.mse`` accumulation), so the two losses agree to rounding.
   """
+
   def step(carry, xs):
     h, total = carry
     y, x = xs
@@ -99,11 +100,16 @@ def remat_loss_fn(config: kalman.Config):
   segment = jax.checkpoint(_run_steps, prevent_cse=False)
 
   def split(x):
-    head = x[:num_segments * length]
-    return head.reshape((num_segments, length) + x.shape[1:]), x[num_segments * length:]
+    head = x[: num_segments * length]
+    return head.reshape((num_segments, length, *x.shape[1:])), x[
+      num_segments * length :
+    ]
 
   def loss_fn(params, batch):
-    (obs, obs_tail), (lat, lat_tail) = split(batch["observations"]), split(batch["latent"])
+    (obs, obs_tail), (lat, lat_tail) = (
+      split(batch["observations"]),
+      split(batch["latent"]),
+    )
 
     def outer(carry, xs):
       return segment(params, carry, *xs), None
@@ -144,13 +150,21 @@ def check_remat(overrides: dict, horizon: int) -> dict:
   remat = jax.jit(jax.value_and_grad(lambda p: remat_loss_fn(config)(p, batch).value))
   (value, grads), (remat_value, remat_grads) = plain(params), remat(params)
   np.testing.assert_allclose(remat_value, value, rtol=1e-5, atol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               remat_grads, grads)
-  grad_diff = max(float(jnp.max(jnp.abs(a - b)))
-                  for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(grads)))
-  return {"T": horizon, "segment_length": segment_length(horizon),
-          "loss_abs_diff": float(jnp.abs(remat_value - value)),
-          "grad_max_abs_diff": grad_diff}
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+    remat_grads,
+    grads,
+  )
+  grad_diff = max(
+    float(jnp.max(jnp.abs(a - b)))
+    for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(grads))
+  )
+  return {
+    "T": horizon,
+    "segment_length": segment_length(horizon),
+    "loss_abs_diff": float(jnp.abs(remat_value - value)),
+    "grad_max_abs_diff": grad_diff,
+  }
 
 
 def _steps(config, task, num_tangents: int):
@@ -169,9 +183,14 @@ def _steps(config, task, num_tangents: int):
       _, grads = jax.value_and_grad(lambda p: loss_fn(p, batch).value)(params)
       updates, state = adam.update(grads, state, params)
       return optax.apply_updates(params, updates), state
+
     return step
 
-  steps = {"sofo": sofo_step, "bptt": adam_step(task.loss_fn), "remat": adam_step(remat)}
+  steps = {
+    "sofo": sofo_step,
+    "bptt": adam_step(task.loss_fn),
+    "remat": adam_step(remat),
+  }
   inits = {"sofo": sofo.init, "bptt": adam.init, "remat": adam.init}
   return steps, inits
 
@@ -179,12 +198,16 @@ def _steps(config, task, num_tangents: int):
 def _memory(compiled) -> dict:
   """Temporary, argument and output bytes XLA plans for a compiled step."""
   analysis = compiled.memory_analysis()
-  return {"temp_bytes": int(analysis.temp_size_in_bytes),
-          "argument_bytes": int(analysis.argument_size_in_bytes),
-          "output_bytes": int(analysis.output_size_in_bytes)}
+  return {
+    "temp_bytes": int(analysis.temp_size_in_bytes),
+    "argument_bytes": int(analysis.argument_size_in_bytes),
+    "output_bytes": int(analysis.output_size_in_bytes),
+  }
 
 
-def bench_horizon(overrides: dict, horizon: int, num_tangents: int, repeats: int) -> dict:
+def bench_horizon(
+  overrides: dict, horizon: int, num_tangents: int, repeats: int
+) -> dict:
   """Memory and time of one step of each method at horizon T; one row."""
   config, task, params, batch = _problem(overrides, horizon)
   steps, inits = _steps(config, task, num_tangents)
@@ -202,33 +225,53 @@ def bench_horizon(overrides: dict, horizon: int, num_tangents: int, repeats: int
     row[name]["median_ms"] = 1e3 * timings[name]["median_s"]
   for name in METHODS[1:]:
     row[f"{name}_over_sofo"] = {
-        "temp_bytes": row[name]["temp_bytes"] / row["sofo"]["temp_bytes"],
-        "time": _harness.ratio_stats(timings[name]["samples_s"], timings["sofo"]["samples_s"]),
+      "temp_bytes": row[name]["temp_bytes"] / row["sofo"]["temp_bytes"],
+      "time": _harness.ratio_stats(
+        timings[name]["samples_s"], timings["sofo"]["samples_s"]
+      ),
     }
   return row
 
 
 def _print_row(row: dict) -> None:
   mib = lambda name: row[name]["temp_bytes"] / 2**20
-  print(f"T={row['T']} (segments of {row['segment_length']}): temp MiB "
-        + ", ".join(f"{n} {mib(n):.3f}" for n in METHODS)
-        + "; median ms " + ", ".join(f"{n} {row[n]['median_ms']:.2f}" for n in METHODS)
-        + "; over sofo (memory, time) "
-        + ", ".join(f"{n} {row[f'{n}_over_sofo']['temp_bytes']:.2f}x "
-                    f"{row[f'{n}_over_sofo']['time']['median']:.2f}x" for n in METHODS[1:]),
-        flush=True)
+  print(
+    f"T={row['T']} (segments of {row['segment_length']}): temp MiB "
+    + ", ".join(f"{n} {mib(n):.3f}" for n in METHODS)
+    + "; median ms "
+    + ", ".join(f"{n} {row[n]['median_ms']:.2f}" for n in METHODS)
+    + "; over sofo (memory, time) "
+    + ", ".join(
+      f"{n} {row[f'{n}_over_sofo']['temp_bytes']:.2f}x "
+      f"{row[f'{n}_over_sofo']['time']['median']:.2f}x"
+      for n in METHODS[1:]
+    ),
+    flush=True,
+  )
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--quick", action="store_true", help="two short horizons, K = 8, for CI")
-  parser.add_argument("--num-tangents", type=int, default=None,
-                      help="SOFO's K (default 128; 8 with --quick)")
-  parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 10; 3 quick)")
-  parser.add_argument("--output", default=None,
-                      help="JSON path (default benchmarks/results/remat_baseline.json; "
-                           "with --quick, a file under the temporary directory)")
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument(
+    "--quick", action="store_true", help="two short horizons, K = 8, for CI"
+  )
+  parser.add_argument(
+    "--num-tangents",
+    type=int,
+    default=None,
+    help="SOFO's K (default 128; 8 with --quick)",
+  )
+  parser.add_argument(
+    "--repeats", type=int, default=None, help="timed rounds (default 10; 3 quick)"
+  )
+  parser.add_argument(
+    "--output",
+    default=None,
+    help="JSON path (default benchmarks/results/remat_baseline.json; "
+    "with --quick, a file under the temporary directory)",
+  )
   args = parser.parse_args(argv)
   quick = _harness.quick_mode(args.quick)
   num_tangents = args.num_tangents or (8 if quick else 128)
@@ -238,28 +281,45 @@ def main(argv=None):
   overrides = {**_suite.memory_config("cpu"), "num_tangents": num_tangents}
 
   check = check_remat(overrides, horizons[0])
-  print(f"remat check at T={check['T']}: |loss diff| {check['loss_abs_diff']:.2e}, "
-        f"max |grad diff| {check['grad_max_abs_diff']:.2e}", flush=True)
+  print(
+    f"remat check at T={check['T']}: |loss diff| {check['loss_abs_diff']:.2e}, "
+    f"max |grad diff| {check['grad_max_abs_diff']:.2e}",
+    flush=True,
+  )
   rows = []
   for horizon in horizons:
     rows.append(bench_horizon(overrides, horizon, num_tangents, repeats))
     _print_row(rows[-1])
 
-  output = args.output or (str(Path(tempfile.gettempdir()) / "remat_baseline_quick.json")
-                           if quick else "remat_baseline.json")
-  config = {k: v for k, v in dataclasses.asdict(kalman.Config(**overrides)).items()
-            if k != "num_steps"}
-  path = _harness.write_json(output, {
+  output = args.output or (
+    str(Path(tempfile.gettempdir()) / "remat_baseline_quick.json")
+    if quick
+    else "remat_baseline.json"
+  )
+  config = {
+    k: v
+    for k, v in dataclasses.asdict(kalman.Config(**overrides)).items()
+    if k != "num_steps"
+  }
+  path = _harness.write_json(
+    output,
+    {
       "command": [sys.executable, *sys.argv],
       "quick": quick,
       "task": "kalman",
-      "config": {"num_hidden": config["num_hidden"], "batch_size": config["batch_size"],
-                 "num_tangents": num_tangents, "repeats": repeats,
-                 "adam_learning_rate": ADAM_LEARNING_RATE, "task_config": config},
+      "config": {
+        "num_hidden": config["num_hidden"],
+        "batch_size": config["batch_size"],
+        "num_tangents": num_tangents,
+        "repeats": repeats,
+        "adam_learning_rate": ADAM_LEARNING_RATE,
+        "task_config": config,
+      },
       "methods": list(METHODS),
       "remat_check": check,
       "rows": rows,
-  })
+    },
+  )
   print(f"wrote {path}")
 
 

@@ -45,6 +45,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import _harness
+import _suite
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,9 +55,6 @@ import optax
 import sofo_jax
 from sofo_jax import tasks as tasks_lib
 from sofo_jax import training
-
-import _harness
-import _suite
 
 TASKS = ("flip_flop", "lorenz", "delayed_addition", "kalman", "double_reach")
 STEPS = {"double_reach": 1500}
@@ -111,7 +110,8 @@ def train(task, make_optimizer, method: str, num_steps: int, settings, seeds):
     params = task.init_params(init_key)
     step = training.make_train_step(task, method, optimizer)
     (params, _), losses = jax.lax.scan(
-        step, (params, optimizer.init(params)), jax.random.split(data_key, num_steps))
+      step, (params, optimizer.init(params)), jax.random.split(data_key, num_steps)
+    )
     return losses, params
 
   program = jax.jit(jax.vmap(jax.vmap(one, (None, 0)), (0, None)))
@@ -130,7 +130,10 @@ def sofo_defaults(setting, key):
 def sofo_fixed(warmup_steps: int):
   def make(setting, key):
     learning_rate = training.warmup(setting[0], warmup_steps)
-    return sofo_jax.sofo(learning_rate, NUM_TANGENTS, setting[1], key=key, adaptive=False)
+    return sofo_jax.sofo(
+      learning_rate, NUM_TANGENTS, setting[1], key=key, adaptive=False
+    )
+
   return make
 
 
@@ -162,15 +165,23 @@ def steps_to_target(losses: np.ndarray, target: float) -> list:
 
 def evaluate(task, stacked_params) -> dict:
   """Metrics on fixed evaluation batches, per seed."""
-  batches = [task.sample_batch(k) for k in jax.random.split(jax.random.key(EVAL_SEED), EVAL_BATCHES)]
+  batches = [
+    task.sample_batch(k)
+    for k in jax.random.split(jax.random.key(EVAL_SEED), EVAL_BATCHES)
+  ]
 
   @jax.jit
   def one(params):
-    rows = [{"loss": task.loss_fn(params, b).value, **task.metrics(params, b)} for b in batches]
+    rows = [
+      {"loss": task.loss_fn(params, b).value, **task.metrics(params, b)}
+      for b in batches
+    ]
     return {name: jnp.mean(jnp.stack([r[name] for r in rows])) for name in rows[0]}
 
   per_seed = jax.vmap(one)(stacked_params)
-  return {name: [float(v) for v in np.asarray(values)] for name, values in per_seed.items()}
+  return {
+    name: [float(v) for v in np.asarray(values)] for name, values in per_seed.items()
+  }
 
 
 def curve(losses: np.ndarray, points: int = 150) -> dict:
@@ -181,14 +192,14 @@ def curve(losses: np.ndarray, points: int = 150) -> dict:
 
 def method_summary(task, losses, params, seconds, target, **extra) -> dict:
   return {
-      "final_loss": final_loss(losses),
-      "final_loss_per_seed": [final_loss(l) for l in losses],
-      "steps_to_target": steps_to_target(losses, target),
-      "ms_per_step": 1e3 * seconds,
-      "max_over_first": float(np.nanmax(losses / losses[:, :1])),
-      "eval": evaluate(task, params),
-      "curve": curve(losses),
-      **extra,
+    "final_loss": final_loss(losses),
+    "final_loss_per_seed": [final_loss(run) for run in losses],
+    "steps_to_target": steps_to_target(losses, target),
+    "ms_per_step": 1e3 * seconds,
+    "max_over_first": float(np.nanmax(losses / losses[:, :1])),
+    "eval": evaluate(task, params),
+    "curve": curve(losses),
+    **extra,
   }
 
 
@@ -216,66 +227,113 @@ def run_task(name: str, quick: bool, out: Path) -> dict:
 
   _log(f"{name}: SOFO at its defaults")
   losses, params, seconds = train(task, sofo_defaults, "sofo", steps, [[0.0]], seeds)
-  result["sofo_defaults"] = method_summary(task, losses[0], params_at(params, 0), seconds, target)
+  result["sofo_defaults"] = method_summary(
+    task, losses[0], params_at(params, 0), seconds, target
+  )
   sofo_first_seed = params_at(params_at(params, 0), 0)
   sofo_seconds = seconds * steps
 
   _log(f"{name}: SOFO at the paper's fixed damping")
   paper = [[config.learning_rate, config.damping]]
-  losses, params, seconds = train(task, sofo_fixed(0), "sofo", steps, paper, SINGLE_SEED)
+  losses, params, seconds = train(
+    task, sofo_fixed(0), "sofo", steps, paper, SINGLE_SEED
+  )
   result["sofo_paper"] = method_summary(
-      task, losses[0], params_at(params, 0), seconds, target,
-      learning_rate=config.learning_rate, damping=config.damping)
+    task,
+    losses[0],
+    params_at(params, 0),
+    seconds,
+    target,
+    learning_rate=config.learning_rate,
+    damping=config.damping,
+  )
 
   _log(f"{name}: SOFO grid ({len(SOFO_GRID)} points, {tune_steps} steps)")
   warmup = max(1, int(WARMUP_FRACTION * tune_steps))
-  grid_losses, _, _ = train(task, sofo_fixed(warmup), "sofo", tune_steps, SOFO_GRID, (TUNE_SEED,))
-  scores = [final_loss(l) for l in grid_losses]
+  grid_losses, _, _ = train(
+    task, sofo_fixed(warmup), "sofo", tune_steps, SOFO_GRID, (TUNE_SEED,)
+  )
+  scores = [final_loss(run) for run in grid_losses]
   best = int(np.argmin(scores))
   _log(f"{name}: SOFO tuned, lr {SOFO_GRID[best][0]} damping {SOFO_GRID[best][1]}")
   warmup = max(1, int(WARMUP_FRACTION * steps))
-  losses, params, seconds = train(task, sofo_fixed(warmup), "sofo", steps, [SOFO_GRID[best]],
-                                  SINGLE_SEED)
+  losses, params, seconds = train(
+    task, sofo_fixed(warmup), "sofo", steps, [SOFO_GRID[best]], SINGLE_SEED
+  )
   result["sofo_tuned"] = method_summary(
-      task, losses[0], params_at(params, 0), seconds, target,
-      learning_rate=SOFO_GRID[best][0], damping=SOFO_GRID[best][1],
-      grid=[{"learning_rate": lr, "damping": d, "tune_loss": s}
-            for (lr, d), s in zip(SOFO_GRID, scores)])
+    task,
+    losses[0],
+    params_at(params, 0),
+    seconds,
+    target,
+    learning_rate=SOFO_GRID[best][0],
+    damping=SOFO_GRID[best][1],
+    grid=[
+      {"learning_rate": lr, "damping": d, "tune_loss": s}
+      for (lr, d), s in zip(SOFO_GRID, scores)
+    ],
+  )
 
   _log(f"{name}: Adam grid ({len(ADAM_GRID)} points x {len(seeds)} seeds)")
   grid = [[lr] for lr in ADAM_GRID]
   grid_losses, grid_params, seconds = train(task, adam, "adam", steps, grid, seeds)
-  scores = [final_loss(l) for l in grid_losses]
+  scores = [final_loss(run) for run in grid_losses]
   best = int(np.argmin(scores))
   adam_seconds_per_step = seconds / len(ADAM_GRID)
   result["adam"] = method_summary(
-      task, grid_losses[best], params_at(grid_params, best), adam_seconds_per_step, target,
-      learning_rate=ADAM_GRID[best], at_grid_edge=best in (0, len(ADAM_GRID) - 1),
-      grid=[{"learning_rate": lr, "final_loss": s} for lr, s in zip(ADAM_GRID, scores)])
+    task,
+    grid_losses[best],
+    params_at(grid_params, best),
+    adam_seconds_per_step,
+    target,
+    learning_rate=ADAM_GRID[best],
+    at_grid_edge=best in (0, len(ADAM_GRID) - 1),
+    grid=[{"learning_rate": lr, "final_loss": s} for lr, s in zip(ADAM_GRID, scores)],
+  )
 
-  equal_steps = int(min(MAX_WALL_CLOCK_FACTOR * steps,
-                        math.ceil(sofo_seconds / max(adam_seconds_per_step, 1e-9))))
+  equal_steps = int(
+    min(
+      MAX_WALL_CLOCK_FACTOR * steps,
+      math.ceil(sofo_seconds / max(adam_seconds_per_step, 1e-9)),
+    )
+  )
   if equal_steps > steps:
     _log(f"{name}: Adam at equal wall-clock ({equal_steps} steps)")
-    losses, params, seconds = train(task, adam, "adam", equal_steps, [[ADAM_GRID[best]]], seeds)
+    losses, params, seconds = train(
+      task, adam, "adam", equal_steps, [[ADAM_GRID[best]]], seeds
+    )
     losses = losses[0]
-    equal = {"steps": equal_steps, "final_loss": final_loss(losses), "eval": evaluate(task, params_at(params, 0)),
-             "ms_per_step": 1e3 * seconds}
+    equal = {
+      "steps": equal_steps,
+      "final_loss": final_loss(losses),
+      "eval": evaluate(task, params_at(params, 0)),
+      "ms_per_step": 1e3 * seconds,
+    }
   else:
-    equal = {"steps": steps, "final_loss": result["adam"]["final_loss"], "eval": result["adam"]["eval"],
-             "ms_per_step": result["adam"]["ms_per_step"]}
+    equal = {
+      "steps": steps,
+      "final_loss": result["adam"]["final_loss"],
+      "eval": result["adam"]["eval"],
+      "ms_per_step": result["adam"]["ms_per_step"],
+    }
   equal["sofo_seconds"] = sofo_seconds
   result["adam_equal_wall_clock"] = equal
 
   if name == "double_reach":
     result["double_reach"] = double_reach_verdict(task, result)
-    plot_hand_paths(task, {"SOFO defaults": sofo_first_seed,
-                           f"Adam (lr {ADAM_GRID[best]:g})": params_at(params_at(grid_params, best), 0)},
-                    out.with_name(out.stem + "_double_reach.png"))
+    plot_hand_paths(
+      task,
+      {
+        "SOFO defaults": sofo_first_seed,
+        f"Adam (lr {ADAM_GRID[best]:g})": params_at(params_at(grid_params, best), 0),
+      },
+      out.with_name(out.stem + "_double_reach.png"),
+    )
   if name == "kalman":
     result["kalman_mse_ratio"] = {
-        m: float(np.mean(result[m]["eval"]["mse_ratio"]))
-        for m in ("sofo_defaults", "sofo_paper", "sofo_tuned", "adam")}
+      m: float(np.mean(result[m]["eval"]["mse_ratio"]))
+      for m in ("sofo_defaults", "sofo_paper", "sofo_tuned", "adam")
+    }
   return result
 
 
@@ -287,20 +345,32 @@ def double_reach_verdict(task, result: dict) -> dict:
   verdict = {}
   for method in ("sofo_defaults", "sofo_tuned", "adam"):
     errors = result[method]["eval"]
-    first, second = float(np.mean(errors["reach_error_1"])), float(np.mean(errors["reach_error_2"]))
-    verdict[method] = {"reach_error_1_m": first, "reach_error_2_m": second,
-                       "double_reach_produced": first < REACH_TOLERANCE and second < REACH_TOLERANCE}
+    first, second = (
+      float(np.mean(errors["reach_error_1"])),
+      float(np.mean(errors["reach_error_2"])),
+    )
+    verdict[method] = {
+      "reach_error_1_m": first,
+      "reach_error_2_m": second,
+      "double_reach_produced": first < REACH_TOLERANCE and second < REACH_TOLERANCE,
+    }
   return verdict
 
 
 def plot(payload: dict, path: Path) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   names = list(payload["tasks"])
   fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
-  labels = {"sofo_defaults": "SOFO defaults", "sofo_paper": "SOFO paper (fixed damping)",
-            "sofo_tuned": "SOFO tuned", "adam": "Adam best of grid"}
+  labels = {
+    "sofo_defaults": "SOFO defaults",
+    "sofo_paper": "SOFO paper (fixed damping)",
+    "sofo_tuned": "SOFO tuned",
+    "adam": "Adam best of grid",
+  }
   for ax, name in zip(axes[0], names):
     for method, label in labels.items():
       c = payload["tasks"][name][method]["curve"]
@@ -317,20 +387,29 @@ def plot(payload: dict, path: Path) -> None:
 
 def plot_hand_paths(task, params_by_method: dict, path: Path) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   batch = task.sample_batch(jax.random.key(EVAL_SEED))
-  fig, axes = plt.subplots(1, len(params_by_method), figsize=(4.2 * len(params_by_method), 4),
-                           squeeze=False)
+  fig, axes = plt.subplots(
+    1, len(params_by_method), figsize=(4.2 * len(params_by_method), 4), squeeze=False
+  )
   for ax, (label, params) in zip(axes[0], params_by_method.items()):
     out = jax.jit(task.outputs)(params, batch)
     hand = np.asarray(out["hand_position"])
     for trial in range(min(8, hand.shape[1])):
-      line, = ax.plot(hand[:, trial, 0], hand[:, trial, 1], lw=1)
+      (line,) = ax.plot(hand[:, trial, 0], hand[:, trial, 1], lw=1)
       for target in ("target1", "target2"):
         point = np.asarray(batch[target])[trial]
-        ax.plot(point[0], point[1], "o", color=line.get_color(), ms=5,
-                mfc="none" if target == "target1" else line.get_color())
+        ax.plot(
+          point[0],
+          point[1],
+          "o",
+          color=line.get_color(),
+          ms=5,
+          mfc="none" if target == "target1" else line.get_color(),
+        )
     ax.set_title(label)
     ax.set_aspect("equal")
     ax.set_xlabel("x (m)")
@@ -355,33 +434,35 @@ def _median_steps(steps: list) -> str:
 def report(payload: dict) -> str:
   """Markdown tables of a reproduction JSON (``--table``)."""
   lines = [
-      "| task | iterations | SOFO defaults (3 seeds) | SOFO paper, fixed damping (seed 0) "
-      "| SOFO tuned (seed 0) | Adam best of grid (3 seeds) | defaults / tuned (seed 0) "
-      "| defaults / Adam |",
-      "|---|---|---|---|---|---|---|---|",
+    "| task | iterations | SOFO defaults (3 seeds) | SOFO paper, fixed damping (seed 0) "
+    "| SOFO tuned (seed 0) | Adam best of grid (3 seeds) | defaults / tuned (seed 0) "
+    "| defaults / Adam |",
+    "|---|---|---|---|---|---|---|---|",
   ]
   for name, t in payload["tasks"].items():
     d, p, tu, a = (t[m] for m in ("sofo_defaults", "sofo_paper", "sofo_tuned", "adam"))
     edge = ", at grid edge" if a["at_grid_edge"] else ""
     lines.append(
-        f"| {name} | {t['steps']} | {_g(d['final_loss'])} | {_g(p['final_loss'])} "
-        f"(max/first {_g(p['max_over_first'])}) | {_g(tu['final_loss'])} (lr {tu['learning_rate']:g}, "
-        f"λ {tu['damping']:g}) | {_g(a['final_loss'])} (lr {a['learning_rate']:g}{edge}) "
-        f"| {_g(d['final_loss_per_seed'][0] / tu['final_loss'])} "
-        f"| {_g(d['final_loss'] / a['final_loss'])} |")
+      f"| {name} | {t['steps']} | {_g(d['final_loss'])} | {_g(p['final_loss'])} "
+      f"(max/first {_g(p['max_over_first'])}) | {_g(tu['final_loss'])} (lr {tu['learning_rate']:g}, "
+      f"λ {tu['damping']:g}) | {_g(a['final_loss'])} (lr {a['learning_rate']:g}{edge}) "
+      f"| {_g(d['final_loss_per_seed'][0] / tu['final_loss'])} "
+      f"| {_g(d['final_loss'] / a['final_loss'])} |"
+    )
   lines += [
-      "",
-      "| task | target | iterations to target, SOFO defaults | Adam | max loss / first, SOFO defaults "
-      "| eval loss SOFO / Adam | SOFO time for N it. (3 seeds) | Adam at equal time: it., loss |",
-      "|---|---|---|---|---|---|---|---|",
+    "",
+    "| task | target | iterations to target, SOFO defaults | Adam | max loss / first, SOFO defaults "
+    "| eval loss SOFO / Adam | SOFO time for N it. (3 seeds) | Adam at equal time: it., loss |",
+    "|---|---|---|---|---|---|---|---|",
   ]
   for name, t in payload["tasks"].items():
     d, a, eq = t["sofo_defaults"], t["adam"], t["adam_equal_wall_clock"]
     lines.append(
-        f"| {name} | {_g(t['target'])} | {_median_steps(d['steps_to_target'])} "
-        f"| {_median_steps(a['steps_to_target'])} | {_g(d['max_over_first'])} "
-        f"| {_g(float(np.mean(d['eval']['loss'])))} / {_g(float(np.mean(a['eval']['loss'])))} "
-        f"| {eq['sofo_seconds']:.0f} s | {eq['steps']}, {_g(eq['final_loss'])} |")
+      f"| {name} | {_g(t['target'])} | {_median_steps(d['steps_to_target'])} "
+      f"| {_median_steps(a['steps_to_target'])} | {_g(d['max_over_first'])} "
+      f"| {_g(float(np.mean(d['eval']['loss'])))} / {_g(float(np.mean(a['eval']['loss'])))} "
+      f"| {eq['sofo_seconds']:.0f} s | {eq['steps']}, {_g(eq['final_loss'])} |"
+    )
   return "\n".join(lines)
 
 
@@ -390,10 +471,16 @@ def main(argv=None) -> int:
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--tasks", default=",".join(TASKS))
   parser.add_argument("--output", default=None, help="JSON path")
-  parser.add_argument("--merge", action="store_true",
-                      help="keep the tasks already in the output JSON (to run in parts)")
-  parser.add_argument("--table", action="store_true",
-                      help="print the markdown tables of an existing JSON and exit")
+  parser.add_argument(
+    "--merge",
+    action="store_true",
+    help="keep the tasks already in the output JSON (to run in parts)",
+  )
+  parser.add_argument(
+    "--table",
+    action="store_true",
+    help="print the markdown tables of an existing JSON and exit",
+  )
   args = parser.parse_args(argv)
   if args.table:
     path = Path(args.output) if args.output else _harness.RESULTS / "reproduction.json"
@@ -402,16 +489,29 @@ def main(argv=None) -> int:
   global NUM_TANGENTS
   if args.quick:
     NUM_TANGENTS = 8
-  out = Path(args.output) if args.output else (
-      Path(tempfile.gettempdir()) / "reproduction_quick.json" if args.quick
-      else _harness.RESULTS / "reproduction.json")
+  out = (
+    Path(args.output)
+    if args.output
+    else (
+      Path(tempfile.gettempdir()) / "reproduction_quick.json"
+      if args.quick
+      else _harness.RESULTS / "reproduction.json"
+    )
+  )
   out.parent.mkdir(parents=True, exist_ok=True)
   payload = {
-      "command": "python benchmarks/reproduce.py " + " ".join(sys.argv[1:] if argv is None else argv),
-      "machine": _harness.machine(),
-      "settings": {"num_tangents": NUM_TANGENTS, "seeds": list(SEEDS), "adam_grid": ADAM_GRID,
-                   "sofo_grid": SOFO_GRID, "tune_steps": TUNE_STEPS, "smoothing": SMOOTHING},
-      "tasks": {},
+    "command": "python benchmarks/reproduce.py "
+    + " ".join(sys.argv[1:] if argv is None else argv),
+    "machine": _harness.machine(),
+    "settings": {
+      "num_tangents": NUM_TANGENTS,
+      "seeds": list(SEEDS),
+      "adam_grid": ADAM_GRID,
+      "sofo_grid": SOFO_GRID,
+      "tune_steps": TUNE_STEPS,
+      "smoothing": SMOOTHING,
+    },
+    "tasks": {},
   }
   if args.merge and out.exists():
     previous = json.loads(out.read_text())

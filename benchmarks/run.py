@@ -39,15 +39,21 @@ import sys
 
 
 def _quick_requested(argv) -> bool:
-  return ("--quick" in argv or ("--size" in argv and "quick" in argv)
-          or os.environ.get("SOFO_QUICK", "0") not in ("", "0"))
+  return (
+    "--quick" in argv
+    or ("--size" in argv and "quick" in argv)
+    or os.environ.get("SOFO_QUICK", "0") not in ("", "0")
+  )
 
 
-if _quick_requested(sys.argv[1:]) and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+if _quick_requested(
+  sys.argv[1:]
+) and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   # Before JAX starts its backend: compile fast, run slow (quick mode only).
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_backend_optimization_level=0"
-                             " --xla_llvm_disable_expensive_passes=true").strip()
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    " --xla_llvm_disable_expensive_passes=true"
+  ).strip()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import argparse
@@ -83,13 +89,20 @@ def _out_dir(args, size: str) -> Path:
 def _write(out_dir: Path, name: str, payload: dict, size: str, command: str) -> Path:
   out_dir.mkdir(parents=True, exist_ok=True)
   path = out_dir / name
-  payload = {"machine": _harness.machine(), "load_average": list(os.getloadavg()),
-             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "size": size,
-             "command": command, **payload}
+  payload = {
+    "machine": _harness.machine(),
+    "load_average": list(os.getloadavg()),
+    "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    "size": size,
+    "command": command,
+    **payload,
+  }
   payload = _plain(payload)
   # One line per top-level entry keeps the file small and diffable.
-  lines = [f" {json.dumps(k)}: {json.dumps(v, separators=(',', ':'), allow_nan=False)}"
-           for k, v in payload.items()]
+  lines = [
+    f" {json.dumps(k)}: {json.dumps(v, separators=(',', ':'), allow_nan=False)}"
+    for k, v in payload.items()
+  ]
   path.write_text("{\n" + ",\n".join(lines) + "\n}\n")
   return path
 
@@ -98,7 +111,9 @@ def _plain(x):
   """JSON-ready copy: numpy to Python, floats to 6 significant digits,
   non-finite floats to None."""
   import math
+
   import numpy as np
+
   if isinstance(x, dict):
     return {str(k): _plain(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
@@ -117,6 +132,7 @@ def _plain(x):
 def convergence(args, size: str, out_dir: Path, command: str) -> dict:
   import _convergence
   import _report
+
   plans = _suite.plans(size)
   grids = _suite.grids(size)
   seeds = args.seeds or _suite.SEEDS[size]
@@ -130,14 +146,18 @@ def convergence(args, size: str, out_dir: Path, command: str) -> dict:
   start = time.perf_counter()
   for name in names:
     t0 = time.perf_counter()
-    tasks[name] = _convergence.run_task(name, plans[name], size, grids, seeds,
-                                        _suite.EVAL_BATCHES[size])
+    tasks[name] = _convergence.run_task(
+      name, plans[name], size, grids, seeds, _suite.EVAL_BATCHES[size]
+    )
     tasks[name]["task_seconds"] = time.perf_counter() - t0
     _log(f"{name}: done in {tasks[name]['task_seconds']:.0f}s")
   order = [n for n in plans if n in tasks]
-  payload = {"tasks": {n: tasks[n] for n in order}, "eval_batches": _suite.EVAL_BATCHES[size],
-             "grids": {m: [list(g) for g in grids[m]] for m in grids},
-             "seconds": time.perf_counter() - start}
+  payload = {
+    "tasks": {n: tasks[n] for n in order},
+    "eval_batches": _suite.EVAL_BATCHES[size],
+    "grids": {m: [list(g) for g in grids[m]] for m in grids},
+    "seconds": time.perf_counter() - start,
+  }
   path = _write(out_dir, "convergence.json", payload, size, command)
   payload = json.loads(path.read_text())
   _report.plot_convergence(payload, out_dir / "convergence.png")
@@ -145,7 +165,9 @@ def convergence(args, size: str, out_dir: Path, command: str) -> dict:
   return payload
 
 
-def _measure_and_plot(name: str, run, plot, size: str, out_dir: Path, command: str) -> dict:
+def _measure_and_plot(
+  name: str, run, plot, size: str, out_dir: Path, command: str
+) -> dict:
   """Runs one benchmark, writes ``<name>.json`` and plots it to ``<name>.png``."""
   start = time.perf_counter()
   payload = run(size, _log)
@@ -160,28 +182,41 @@ def _measure_and_plot(name: str, run, plot, size: str, out_dir: Path, command: s
 def memory(args, size: str, out_dir: Path, command: str) -> dict:
   import _memory
   import _report
-  return _measure_and_plot("memory", _memory.run, _report.plot_memory, size, out_dir, command)
+
+  return _measure_and_plot(
+    "memory", _memory.run, _report.plot_memory, size, out_dir, command
+  )
 
 
 def time_vs_k(args, size: str, out_dir: Path, command: str) -> dict:
   import _report
   import _time_vs_k
-  return _measure_and_plot("time_vs_k", _time_vs_k.run, _report.plot_time, size, out_dir, command)
+
+  return _measure_and_plot(
+    "time_vs_k", _time_vs_k.run, _report.plot_time, size, out_dir, command
+  )
 
 
 def table(args, size: str, out_dir: Path, command: str) -> str:
   import _report
+
   # The plots are redrawn from the JSON files too (cheap, no training).
-  for name, plot in (("convergence", _report.plot_convergence), ("memory", _report.plot_memory),
-                     ("time_vs_k", _report.plot_time)):
+  for name, plot in (
+    ("convergence", _report.plot_convergence),
+    ("memory", _report.plot_memory),
+    ("time_vs_k", _report.plot_time),
+  ):
     if (out_dir / f"{name}.json").exists():
       plot(json.loads((out_dir / f"{name}.json").read_text()), out_dir / f"{name}.png")
   commands = []
   for name in ("convergence.json", "memory.json", "time_vs_k.json"):
     if (out_dir / name).exists():
       commands.append(json.loads((out_dir / name).read_text()).get("command", "?"))
-  note = ("Commands that produced these numbers (from the JSON files):\n\n"
-          + "\n".join(f"    {c}" for c in dict.fromkeys(commands)) + "\n")
+  note = (
+    "Commands that produced these numbers (from the JSON files):\n\n"
+    + "\n".join(f"    {c}" for c in dict.fromkeys(commands))
+    + "\n"
+  )
   markdown = _report.results_markdown(out_dir, note)
   (out_dir / "results.md").write_text(markdown)
   _log(f"wrote {out_dir / 'results.md'}")
@@ -198,7 +233,10 @@ def _memory_point(argv) -> None:
   parser.add_argument("--horizon", type=int, required=True)
   args = parser.parse_args(argv)
   import _memory
-  result = _memory.measure_point(args.kind, _suite.memory_config(args.size), args.horizon)
+
+  result = _memory.measure_point(
+    args.kind, _suite.memory_config(args.size), args.horizon
+  )
   print(json.dumps(result))
 
 
@@ -208,14 +246,29 @@ def main(argv=None):
     _memory_point(argv[1:])
     return None
   parser = argparse.ArgumentParser(
-      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("command", choices=COMMANDS)
-  parser.add_argument("--tasks", nargs="+", choices=list(_suite.CPU), default=None,
-                      help="tasks for `convergence` (default: all six; flip_flop with --quick)")
+  parser.add_argument(
+    "--tasks",
+    nargs="+",
+    choices=list(_suite.CPU),
+    default=None,
+    help="tasks for `convergence` (default: all six; flip_flop with --quick)",
+  )
   size_group = parser.add_mutually_exclusive_group()
-  size_group.add_argument("--quick", action="store_true", help="tiny smoke-test sizes (also SOFO_QUICK=1)")
-  size_group.add_argument("--paper-size", action="store_true", help="the paper's sizes (for a GPU)")
-  parser.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3; 1 with --quick)")
+  size_group.add_argument(
+    "--quick", action="store_true", help="tiny smoke-test sizes (also SOFO_QUICK=1)"
+  )
+  size_group.add_argument(
+    "--paper-size", action="store_true", help="the paper's sizes (for a GPU)"
+  )
+  parser.add_argument(
+    "--seeds",
+    type=int,
+    default=None,
+    help="seeds per method (default 3; 1 with --quick)",
+  )
   parser.add_argument("--out", default=None, help="output directory")
   args = parser.parse_args(argv)
   size = _size(args)
@@ -223,7 +276,11 @@ def main(argv=None):
   command = "python benchmarks/run.py " + " ".join(argv)
   _log(f"{args.command}: {size} size, writing to {out_dir}")
   results = {}
-  steps = ("convergence", "memory", "time_vs_k", "table") if args.command == "all" else (args.command,)
+  steps = (
+    ("convergence", "memory", "time_vs_k", "table")
+    if args.command == "all"
+    else (args.command,)
+  )
   for step in steps:
     results[step] = globals()[step](args, size, out_dir, command)
   return results

@@ -28,26 +28,27 @@ import tempfile
 import time
 from pathlib import Path
 
+import _harness
 import numpy as np
+import reproduce
 
 import sofo_jax
 
-import _harness
-import reproduce
-
 VARIANTS = {
-    "defaults": {},
-    # Accept a step only if the loss fell by at least a quarter of what the
-    # quadratic model predicted.
-    "min_rho": {"step_control": sofo_jax.StepControl(min_rho=0.25)},
-    # Half the predicted decrease.
-    "min_rho_half": {"step_control": sofo_jax.StepControl(min_rho=0.5)},
-    # The same, with the textbook damping decrease.
-    "min_rho_fast_decrease": {"step_control": sofo_jax.StepControl(min_rho=0.25, decrease=0.5)},
-    # A damping floor two decades higher.
-    "damping_floor": {"step_control": sofo_jax.StepControl(min_damping=1e-4)},
-    # The defaults without quadratic-model momentum.
-    "no_momentum": {"momentum": False},
+  "defaults": {},
+  # Accept a step only if the loss fell by at least a quarter of what the
+  # quadratic model predicted.
+  "min_rho": {"step_control": sofo_jax.StepControl(min_rho=0.25)},
+  # Half the predicted decrease.
+  "min_rho_half": {"step_control": sofo_jax.StepControl(min_rho=0.5)},
+  # The same, with the textbook damping decrease.
+  "min_rho_fast_decrease": {
+    "step_control": sofo_jax.StepControl(min_rho=0.25, decrease=0.5)
+  },
+  # A damping floor two decades higher.
+  "damping_floor": {"step_control": sofo_jax.StepControl(min_damping=1e-4)},
+  # The defaults without quadratic-model momentum.
+  "no_momentum": {"momentum": False},
 }
 DEFAULT_VARIANTS = ("defaults", "min_rho", "min_rho_fast_decrease", "damping_floor")
 DEFAULT_TASKS = ("kalman", "lorenz", "delayed_addition")
@@ -57,16 +58,17 @@ def make_optimizer(options: dict):
   def make(setting, key):
     del setting
     return sofo_jax.sofo(1.0, reproduce.NUM_TANGENTS, key=key, **options)
+
   return make
 
 
 def summary(losses: np.ndarray) -> dict:
   """``losses``: (seeds, steps) training losses of one variant."""
   return {
-      "final_loss": reproduce.final_loss(losses),
-      "final_loss_per_seed": [reproduce.final_loss(l) for l in losses],
-      "max_over_first": float(np.nanmax(losses / losses[:, :1])),
-      "max_over_first_per_seed": [float(np.nanmax(l / l[0])) for l in losses],
+    "final_loss": reproduce.final_loss(losses),
+    "final_loss_per_seed": [reproduce.final_loss(run) for run in losses],
+    "max_over_first": float(np.nanmax(losses / losses[:, :1])),
+    "max_over_first_per_seed": [float(np.nanmax(run / run[0])) for run in losses],
   }
 
 
@@ -74,18 +76,33 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
-  parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                      help=f"comma-separated, from {sorted(VARIANTS)}")
+  parser.add_argument(
+    "--variants",
+    default=",".join(DEFAULT_VARIANTS),
+    help=f"comma-separated, from {sorted(VARIANTS)}",
+  )
   parser.add_argument("--output", default=None)
-  parser.add_argument("--merge", action="store_true",
-                      help="add to the existing output instead of replacing it")
+  parser.add_argument(
+    "--merge",
+    action="store_true",
+    help="add to the existing output instead of replacing it",
+  )
   args = parser.parse_args(argv)
-  out = Path(args.output or (Path(tempfile.gettempdir()) / "step_control_variants.json"
-                             if args.quick else
-                             Path(__file__).parent / "results" / "step_control_variants.json"))
-  payload = {"command": "python " + " ".join(["benchmarks/step_control_variants.py", *sys.argv[1:]]),
-             "machine": _harness.machine(),
-             "num_tangents": reproduce.NUM_TANGENTS, "tasks": {}}
+  out = Path(
+    args.output
+    or (
+      Path(tempfile.gettempdir()) / "step_control_variants.json"
+      if args.quick
+      else Path(__file__).parent / "results" / "step_control_variants.json"
+    )
+  )
+  payload = {
+    "command": "python "
+    + " ".join(["benchmarks/step_control_variants.py", *sys.argv[1:]]),
+    "machine": _harness.machine(),
+    "num_tangents": reproduce.NUM_TANGENTS,
+    "tasks": {},
+  }
   if args.merge and out.exists():
     previous = json.loads(out.read_text())
     payload["tasks"] = previous["tasks"]
@@ -102,13 +119,16 @@ def main(argv=None) -> int:
     rows = payload["tasks"].get(name, {}).get("variants", {})
     for variant in args.variants.split(","):
       begin = time.perf_counter()
-      losses, _, _ = reproduce.train(task, make_optimizer(VARIANTS[variant]), "sofo", steps,
-                                     [[0.0]], seeds)
+      losses, _, _ = reproduce.train(
+        task, make_optimizer(VARIANTS[variant]), "sofo", steps, [[0.0]], seeds
+      )
       rows[variant] = summary(losses[0])
       rows[variant]["seconds"] = time.perf_counter() - begin
-      reproduce._log(f"{name} {variant}: final {rows[variant]['final_loss']:.4g} "
-                     f"per seed {[f'{v:.3g}' for v in rows[variant]['final_loss_per_seed']]} "
-                     f"max/first {rows[variant]['max_over_first']:.3g}")
+      reproduce._log(
+        f"{name} {variant}: final {rows[variant]['final_loss']:.4g} "
+        f"per seed {[f'{v:.3g}' for v in rows[variant]['final_loss_per_seed']]} "
+        f"max/first {rows[variant]['max_over_first']:.3g}"
+      )
     payload["tasks"][name] = {"steps": steps, "seeds": list(seeds), "variants": rows}
     payload["seconds"] = payload.get("seconds", 0) + time.perf_counter() - begin_all
     begin_all = time.perf_counter()

@@ -75,21 +75,32 @@ def bench(n_hidden, batch, horizon, tangent_counts, repeats):
 
     # The comparison first, three programs a round so that each round is short
     # and its ratio well paired; then the breakdown, against the jvp again.
-    timings = _harness.time_interleaved({
+    timings = _harness.time_interleaved(
+      {
         "jvp": lambda: bare_jvp(params, tangents),  # pylint: disable=cell-var-from-loop
         "sofo": lambda: sofo_step(params, state),  # pylint: disable=cell-var-from-loop
         "adam_bptt": lambda: adam_step(params, adam_state),
-    }, repeats)
-    parts = _harness.time_interleaved({
+      },
+      repeats,
+    )
+    parts = _harness.time_interleaved(
+      {
         "jvp": lambda: bare_jvp(params, tangents),  # pylint: disable=cell-var-from-loop
         "sketch": lambda: sketch_only(params, tangents),  # pylint: disable=cell-var-from-loop
         "tangent_draw": lambda: draw_only(jax.random.key(3)),  # pylint: disable=cell-var-from-loop
-    }, max(2, repeats // 2))
+      },
+      max(2, repeats // 2),
+    )
     timings["sketch"], timings["tangent_draw"] = parts["sketch"], parts["tangent_draw"]
-    sketch_ratio = _harness.ratio_stats(parts["sketch"]["samples_s"], parts["jvp"]["samples_s"])
-    ratio = _harness.ratio_stats(timings["sofo"]["samples_s"], timings["jvp"]["samples_s"])
+    sketch_ratio = _harness.ratio_stats(
+      parts["sketch"]["samples_s"], parts["jvp"]["samples_s"]
+    )
+    ratio = _harness.ratio_stats(
+      timings["sofo"]["samples_s"], timings["jvp"]["samples_s"]
+    )
     ms = {name: 1e3 * t["median_s"] for name, t in timings.items()}
-    rows.append({
+    rows.append(
+      {
         "K": k,
         "jvp_ms": ms["jvp"],
         "sofo_ms": ms["sofo"],
@@ -102,19 +113,29 @@ def bench(n_hidden, batch, horizon, tangent_counts, repeats):
         "sofo_over_adam": ms["sofo"] / ms["adam_bptt"],
         "sketch_over_jvp": sketch_ratio["median"],
         "timings": timings,
-    })
-    print(f"K={k}: jvp {ms['jvp']:.2f} ms, sofo {ms['sofo']:.2f} ms "
-          f"(median ratio {ratio['median']:.3f}, IQR {ratio['q1']:.3f}-{ratio['q3']:.3f}), "
-          f"adam+bptt {ms['adam_bptt']:.2f} ms; sketch {sketch_ratio['median']:.3f}x jvp, "
-          f"tangent draw {ms['tangent_draw']:.2f} ms", flush=True)
+      }
+    )
+    print(
+      f"K={k}: jvp {ms['jvp']:.2f} ms, sofo {ms['sofo']:.2f} ms "
+      f"(median ratio {ratio['median']:.3f}, IQR {ratio['q1']:.3f}-{ratio['q3']:.3f}), "
+      f"adam+bptt {ms['adam_bptt']:.2f} ms; sketch {sketch_ratio['median']:.3f}x jvp, "
+      f"tangent draw {ms['tangent_draw']:.2f} ms",
+      flush=True,
+    )
   return rows
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--quick", action="store_true", help="tiny sizes, for CI")
   parser.add_argument("--repeats", type=int, default=None)
-  parser.add_argument("--output", default=None, help="file name under benchmarks/results/, or an absolute path")
+  parser.add_argument(
+    "--output",
+    default=None,
+    help="file name under benchmarks/results/, or an absolute path",
+  )
   args = parser.parse_args(argv)
   quick = _harness.quick_mode(args.quick)
   if quick:
@@ -124,9 +145,24 @@ def main(argv=None):
   repeats = args.repeats or (3 if quick else 20)
   rows = bench(**config, repeats=repeats)
   output = args.output or ("step_cost_quick.json" if quick else "step_cost.json")
-  path = _harness.write_json(output, {"config": {**config, "repeats": repeats, "quick": quick}, "rows": rows})
-  print(_harness.markdown_table(rows, ["K", "jvp_ms", "sofo_ms", "adam_bptt_ms", "sofo_over_jvp",
-                                       "sofo_over_jvp_of_minima", "sketch_over_jvp", "tangent_draw_ms"]))
+  path = _harness.write_json(
+    output, {"config": {**config, "repeats": repeats, "quick": quick}, "rows": rows}
+  )
+  print(
+    _harness.markdown_table(
+      rows,
+      [
+        "K",
+        "jvp_ms",
+        "sofo_ms",
+        "adam_bptt_ms",
+        "sofo_over_jvp",
+        "sofo_over_jvp_of_minima",
+        "sketch_over_jvp",
+        "tangent_draw_ms",
+      ],
+    )
+  )
   print(f"wrote {path}")
 
 

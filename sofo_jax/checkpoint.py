@@ -9,9 +9,6 @@ corrupted or mismatched checkpoint raises a ``ValueError`` that says what is
 wrong.
 """
 
-from sofo_jax._src.checkpoint import Checkpoint
-from sofo_jax._src.checkpoint import Manager
-from sofo_jax._src.checkpoint import restore
-from sofo_jax._src.checkpoint import save
+from sofo_jax._src.checkpoint import Checkpoint, Manager, restore, save
 
 __all__ = ("Checkpoint", "Manager", "restore", "save")

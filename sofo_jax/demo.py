@@ -28,18 +28,21 @@ def _config(quick: bool) -> flip_flop.Config:
     return dataclasses.replace(flip_flop.Config.quick(), num_tangents=16)
   # The paper's task at a CPU-friendly size: 32 tanh units, 100 steps.
   return dataclasses.replace(
-      flip_flop.Config(), num_hidden=32, num_steps=100, batch_size=32,
-      num_tangents=64,
+    flip_flop.Config(),
+    num_hidden=32,
+    num_steps=100,
+    batch_size=32,
+    num_tangents=64,
   )
 
 
 RUNS = (
-    # (label, method, learning rate). SOFO runs at its defaults: the paper's
-    # learning rate of 1, no warm-up, adaptive step control. Adam's rate is
-    # the best of {3e-3, 1e-2, 3e-2} on seed 0 (1e-2 did better on seed 2); a
-    # warm-up did not help it.
-    ("SOFO (K={k})", "sofo", 1.0),
-    ("Adam + BPTT", "adam", 3e-2),
+  # (label, method, learning rate). SOFO runs at its defaults: the paper's
+  # learning rate of 1, no warm-up, adaptive step control. Adam's rate is
+  # the best of {3e-3, 1e-2, 3e-2} on seed 0 (1e-2 did better on seed 2); a
+  # warm-up did not help it.
+  ("SOFO (K={k})", "sofo", 1.0),
+  ("Adam + BPTT", "adam", 3e-2),
 )
 
 
@@ -54,41 +57,55 @@ def main(argv=None) -> dict:
   config = _config(quick)
   steps = args.steps or (20 if quick else 300)
   task = flip_flop.make(config)
-  print(f"3-bit flip-flop: {config.num_hidden} tanh units, T = {config.num_steps}, "
-        f"batch {config.batch_size}, {steps} steps, JAX on {jax.default_backend()}")
+  print(
+    f"3-bit flip-flop: {config.num_hidden} tanh units, T = {config.num_steps}, "
+    f"batch {config.batch_size}, {steps} steps, JAX on {jax.default_backend()}"
+  )
 
   results = {}
   for label, method, learning_rate in RUNS:
     label = label.format(k=config.num_tangents)
     history = training.fit(
-        task, method, steps, key=jax.random.key(args.seed), learning_rate=learning_rate)
-    metrics = training.evaluate(task, history.params, key=jax.random.key(10_000 + args.seed), num_batches=4)
+      task, method, steps, key=jax.random.key(args.seed), learning_rate=learning_rate
+    )
+    metrics = training.evaluate(
+      task, history.params, key=jax.random.key(10_000 + args.seed), num_batches=4
+    )
     results[label] = {
-        "losses": history.losses.tolist(),
-        "seconds": history.seconds.tolist(),
-        "settings": history.settings,
-        "eval": metrics,
-        "ms_per_step": 1e3 * history.seconds[-1] / steps,
+      "losses": history.losses.tolist(),
+      "seconds": history.seconds.tolist(),
+      "settings": history.settings,
+      "eval": metrics,
+      "ms_per_step": 1e3 * history.seconds[-1] / steps,
     }
 
-  header = f"{'method':<16}{'train loss':>12}{'eval loss':>12}{'accuracy':>10}{'ms/step':>10}"
+  header = (
+    f"{'method':<16}{'train loss':>12}{'eval loss':>12}{'accuracy':>10}{'ms/step':>10}"
+  )
   print(header)
   print("-" * len(header))
   for label, r in results.items():
     final = float(np.mean(r["losses"][-10:]))
-    print(f"{label:<16}{final:>12.4f}{r['eval']['loss']:>12.4f}"
-          f"{r['eval'].get('accuracy', float('nan')):>10.3f}{r['ms_per_step']:>10.1f}")
+    print(
+      f"{label:<16}{final:>12.4f}{r['eval']['loss']:>12.4f}"
+      f"{r['eval'].get('accuracy', float('nan')):>10.3f}{r['ms_per_step']:>10.1f}"
+    )
 
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   (out / "results.json").write_text(json.dumps(results, indent=2))
-  _plot(results, out / "loss_curves.png", f"3-bit flip-flop, {config.num_hidden} units, T={config.num_steps}")
+  _plot(
+    results,
+    out / "loss_curves.png",
+    f"3-bit flip-flop, {config.num_hidden} units, T={config.num_steps}",
+  )
   print(f"wrote {out / 'loss_curves.png'} and {out / 'results.json'}")
   return results
 
 
 def _plot(results: dict, path: Path, title: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 

@@ -7,22 +7,24 @@ works) that scale the value and the Gauss–Newton matrix alike; the divisor
 stays the batch size B.
 """
 
-from sofo_jax._src.losses import custom
-from sofo_jax._src.losses import gaussian_nll
-from sofo_jax._src.losses import Loss
-from sofo_jax._src.losses import mse
-from sofo_jax._src.losses import poisson
-from sofo_jax._src.losses import sigmoid_binary_cross_entropy
-from sofo_jax._src.losses import softmax_cross_entropy
-from sofo_jax._src.losses import zero
+from sofo_jax._src.losses import (
+  Loss,
+  custom,
+  gaussian_nll,
+  mse,
+  poisson,
+  sigmoid_binary_cross_entropy,
+  softmax_cross_entropy,
+  zero,
+)
 
 __all__ = (
-    "Loss",
-    "custom",
-    "gaussian_nll",
-    "mse",
-    "poisson",
-    "sigmoid_binary_cross_entropy",
-    "softmax_cross_entropy",
-    "zero",
+  "Loss",
+  "custom",
+  "gaussian_nll",
+  "mse",
+  "poisson",
+  "sigmoid_binary_cross_entropy",
+  "softmax_cross_entropy",
+  "zero",
 )

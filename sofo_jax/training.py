@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +22,7 @@ import optax
 from jaxtyping import ArrayLike
 
 from sofo_jax._src import forward_gradient as forward_gradient_lib
-from sofo_jax._src import state_utils
-from sofo_jax._src import transform
+from sofo_jax._src import state_utils, transform
 
 METHODS = ("sofo", "adam", "fgd", "sgd")
 
@@ -91,13 +91,13 @@ def warmup(peak: ArrayLike, warmup_steps: int) -> optax.ScalarOrSchedule:
 
 
 def make_optimizer(
-    method: str,
-    *,
-    learning_rate: optax.ScalarOrSchedule,
-    key: Optional[jax.Array] = None,
-    num_tangents: Optional[int] = None,
-    damping: Optional[float] = None,
-    **sofo_options,
+  method: str,
+  *,
+  learning_rate: optax.ScalarOrSchedule,
+  key: jax.Array | None = None,
+  num_tangents: int | None = None,
+  damping: float | None = None,
+  **sofo_options,
 ) -> optax.GradientTransformationExtraArgs:
   """The optimizer behind a method name.
 
@@ -121,7 +121,9 @@ def make_optimizer(
     ...                      num_tangents=8)
   """
   if sofo_options and method != "sofo":
-    raise ValueError(f"Options {sorted(sofo_options)} apply to SOFO only, not {method!r}.")
+    raise ValueError(
+      f"Options {sorted(sofo_options)} apply to SOFO only, not {method!r}."
+    )
   if method == "sofo":
     if damping is not None:
       sofo_options["damping"] = damping
@@ -141,6 +143,7 @@ def _uses_forward_mode(method: str) -> bool:
 
 def make_train_step(task, method: str, optimizer) -> Callable:
   """``(params, state, batch_key) -> ((params, state), loss)`` for one step."""
+
   def step(carry, batch_key):
     params, state = carry
     batch = task.sample_batch(batch_key)
@@ -152,22 +155,23 @@ def make_train_step(task, method: str, optimizer) -> Callable:
       loss, grads = jax.value_and_grad(lambda p: closure(p).value)(params)
       updates, state = optimizer.update(grads, state, params)
     return (optax.apply_updates(params, updates), state), loss
+
   return step
 
 
 def fit(
-    task,
-    method: str = "sofo",
-    num_steps: int = 100,
-    *,
-    key: jax.Array,
-    learning_rate: Optional[optax.ScalarOrSchedule] = None,
-    num_tangents: Optional[int] = None,
-    damping: Optional[float] = None,
-    chunk_size: Optional[int] = None,
-    progress: bool = True,
-    params: Any = None,
-    **sofo_options,
+  task,
+  method: str = "sofo",
+  num_steps: int = 100,
+  *,
+  key: jax.Array,
+  learning_rate: optax.ScalarOrSchedule | None = None,
+  num_tangents: int | None = None,
+  damping: float | None = None,
+  chunk_size: int | None = None,
+  progress: bool = True,
+  params: Any = None,
+  **sofo_options,
 ) -> History:
   """Trains ``task`` with ``method`` for ``num_steps`` steps.
 
@@ -212,14 +216,19 @@ def fit(
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
   if learning_rate is None:
-    learning_rate = (config.adam_learning_rate if method == "adam"
-                     else DEFAULT_LEARNING_RATES[method])
+    learning_rate = (
+      config.adam_learning_rate if method == "adam" else DEFAULT_LEARNING_RATES[method]
+    )
   if num_tangents is None:
     num_tangents = config.num_tangents
   init_key, data_key, tangent_key = jax.random.split(key, 3)
   optimizer = make_optimizer(
-      method, learning_rate=learning_rate, key=tangent_key,
-      num_tangents=num_tangents, damping=damping, **sofo_options,
+    method,
+    learning_rate=learning_rate,
+    key=tangent_key,
+    num_tangents=num_tangents,
+    damping=damping,
+    **sofo_options,
   )
   if params is None:
     params = task.init_params(init_key)
@@ -234,13 +243,13 @@ def fit(
   starts = range(0, num_steps, chunk_size)
   compiled = {}
   for start in starts:
-    keys = batch_keys[start:start + chunk_size]
+    keys = batch_keys[start : start + chunk_size]
     if keys.shape[0] not in compiled:
       compiled[keys.shape[0]] = run_chunk.lower(carry, keys).compile()
   losses, seconds, elapsed = [], [], 0.0
   bar = _progress_bar(num_steps, f"{task.name}/{method}", progress)
   for start in starts:
-    keys = batch_keys[start:start + chunk_size]
+    keys = batch_keys[start : start + chunk_size]
     size = keys.shape[0]
     begin = time.perf_counter()
     carry, chunk_losses = compiled[size](carry, keys)
@@ -259,14 +268,18 @@ def fit(
   if _uses_forward_mode(method):
     nonfinite = int(state_utils.get_diagnostics(state).num_nonfinite_steps)
   return History(
-      method=method,
-      losses=np.concatenate(losses),
-      seconds=np.concatenate(seconds),
-      params=params,
-      settings={"learning_rate": learning_rate, "num_tangents": num_tangents if _uses_forward_mode(method) else None,
-                "damping": damping if method == "sofo" else None, "num_steps": num_steps,
-                **sofo_options},
-      num_nonfinite_steps=nonfinite,
+    method=method,
+    losses=np.concatenate(losses),
+    seconds=np.concatenate(seconds),
+    params=params,
+    settings={
+      "learning_rate": learning_rate,
+      "num_tangents": num_tangents if _uses_forward_mode(method) else None,
+      "damping": damping if method == "sofo" else None,
+      "num_steps": num_steps,
+      **sofo_options,
+    },
+    num_nonfinite_steps=nonfinite,
   )
 
 
@@ -280,8 +293,12 @@ def _progress_bar(total: int, description: str, enabled: bool):
   # A terminal or a notebook redraws the bar in place; in a log file every
   # redraw is a new line, so there it refreshes at most once a minute.
   redraws_in_place = sys.stderr.isatty() or "ipykernel" in sys.modules
-  return tqdm(total=total, desc=description, leave=False,
-              mininterval=0.1 if redraws_in_place else LOG_REFRESH_SECONDS)
+  return tqdm(
+    total=total,
+    desc=description,
+    leave=False,
+    mininterval=0.1 if redraws_in_place else LOG_REFRESH_SECONDS,
+  )
 
 
 def evaluate(task, params: Any, *, key: jax.Array, num_batches: int = 1) -> dict:
@@ -296,10 +313,13 @@ def evaluate(task, params: Any, *, key: jax.Array, num_batches: int = 1) -> dict
     >>> "loss" in training.evaluate(task, params, key=jax.random.key(1))
     True
   """
+
   @jax.jit
   def one(k):
     batch = task.sample_batch(k)
     return {"loss": task.loss_fn(params, batch).value, **task.metrics(params, batch)}
 
   results = [one(k) for k in jax.random.split(key, num_batches)]
-  return {name: float(jnp.mean(jnp.stack([r[name] for r in results]))) for name in results[0]}
+  return {
+    name: float(jnp.mean(jnp.stack([r[name] for r in results]))) for name in results[0]
+  }

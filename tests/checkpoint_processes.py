@@ -15,7 +15,7 @@ import json
 import os
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import equinox as eqx
 import jax
@@ -60,6 +60,7 @@ def race(directory: str, rounds: int, who: int) -> None:
   either writes, so only the final rename can decide. Odd rounds start
   together and race freely."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   original = ocp.Checkpointer.save
   current = {"round": 0}
 

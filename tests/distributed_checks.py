@@ -22,7 +22,7 @@ import sofo_jax
 from sofo_jax._src import hlo
 
 sys.path.insert(0, os.path.dirname(__file__))
-import models  # noqa: E402
+import models
 
 K = 8
 BATCH = 16
@@ -74,18 +74,27 @@ def summarise(found):
 
 
 MODES = {
-    # name: (mesh shape, mesh axes, SOFO axis-name arguments)
-    "data": ((8,), ("data",), dict(data_axis_name="data")),
-    "tangent": ((8,), ("tangent",), dict(tangent_axis_name="tangent")),
-    "data_tangent": ((2, 4), ("data", "tangent"),
-                     dict(data_axis_name="data", tangent_axis_name="tangent")),
+  # name: (mesh shape, mesh axes, SOFO axis-name arguments)
+  "data": ((8,), ("data",), dict(data_axis_name="data")),
+  "tangent": ((8,), ("tangent",), dict(tangent_axis_name="tangent")),
+  "data_tangent": (
+    (2, 4),
+    ("data", "tangent"),
+    dict(data_axis_name="data", tangent_axis_name="tangent"),
+  ),
 }
 
 
 def shard_map_step(step, mesh, batch_spec):
-  return jax.jit(jax.shard_map(
-      step, mesh=mesh, in_specs=(P(), P(), batch_spec, batch_spec),
-      out_specs=P(), check_vma=False))
+  return jax.jit(
+    jax.shard_map(
+      step,
+      mesh=mesh,
+      in_specs=(P(), P(), batch_spec, batch_spec),
+      out_specs=P(),
+      check_vma=False,
+    )
+  )
 
 
 def check_model(model):
@@ -95,24 +104,39 @@ def check_model(model):
   state = opt.init(params)
   reference, ref_state = run_two_steps(jax.jit(step), params, state, xs, ys)
   num_params = sum(x.size for x in jax.tree.leaves(params))
-  result = dict(num_params=num_params, K=K, T=T if model == "rnn" else 1,
-                outputs_per_loss=outputs_per_loss, modes={})
+  result = dict(
+    num_params=num_params,
+    K=K,
+    T=T if model == "rnn" else 1,
+    outputs_per_loss=outputs_per_loss,
+    modes={},
+  )
 
   for mode, (shape, axes, names) in MODES.items():
     mesh = jax.make_mesh(shape, axes, axis_types=(AxisType.Explicit,) * len(axes))
     spec = batch_spec if "data" in axes else P()
     _, dist_step = make_step(loss, **names)
     fn = shard_map_step(dist_step, mesh, spec)
-    args = (params, state, jax.device_put(xs, NamedSharding(mesh, spec)),
-            jax.device_put(ys, NamedSharding(mesh, spec)))
+    args = (
+      params,
+      state,
+      jax.device_put(xs, NamedSharding(mesh, spec)),
+      jax.device_put(ys, NamedSharding(mesh, spec)),
+    )
     compiled = fn.lower(*args).compile()
     outs, dist_state = run_two_steps(compiled, *args)
     text = compiled.as_text()
     result["modes"][mode] = dict(
-        shape=shape, error=max_relative_error(reference, outs),
-        loss_error=abs(float(sofo_jax.get_diagnostics(dist_state).loss
-                             - sofo_jax.get_diagnostics(ref_state).loss)),
-        collectives=summarise(hlo.collectives(text)))
+      shape=shape,
+      error=max_relative_error(reference, outs),
+      loss_error=abs(
+        float(
+          sofo_jax.get_diagnostics(dist_state).loss
+          - sofo_jax.get_diagnostics(ref_state).loss
+        )
+      ),
+      collectives=summarise(hlo.collectives(text)),
+    )
 
   # Plain jit, batch-sharded input, XLA's own partitioner (GSPMD).
   mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
@@ -122,8 +146,10 @@ def check_model(model):
   outs, _ = run_two_steps(compiled, *args)
   text = compiled.as_text()
   result["modes"]["gspmd_jit"] = dict(
-      shape=(8,), error=max_relative_error(reference, outs),
-      collectives=summarise(hlo.collectives(text)))
+    shape=(8,),
+    error=max_relative_error(reference, outs),
+    collectives=summarise(hlo.collectives(text)),
+  )
   return result
 
 
@@ -141,22 +167,33 @@ def error_messages():
   params, xs, ys, loss, batch_spec, _ = problem("mlp", np.random.default_rng(2))
   messages = {}
   cases = {
-      # K = 8 tangents cannot be split over 3 devices.
-      "indivisible": (((3,), ("tangent",)), dict(tangent_axis_name="tangent"), False),
-      # JAX's varying-axes checker rejects collectives over vmap axes.
-      "check_vma": (((8,), ("data",)), dict(data_axis_name="data"), True),
+    # K = 8 tangents cannot be split over 3 devices.
+    "indivisible": (((3,), ("tangent",)), dict(tangent_axis_name="tangent"), False),
+    # JAX's varying-axes checker rejects collectives over vmap axes.
+    "check_vma": (((8,), ("data",)), dict(data_axis_name="data"), True),
   }
   for name, ((shape, axes), names, check_vma) in cases.items():
     devices = np.array(jax.devices()[: int(np.prod(shape))]).reshape(shape)
     mesh = jax.sharding.Mesh(devices, axes)
     opt, step = make_step(loss, **names)
     spec = batch_spec if "data" in axes else P()
-    fn = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), spec, spec),
-                               out_specs=P(), check_vma=check_vma))
+    fn = jax.jit(
+      jax.shard_map(
+        step,
+        mesh=mesh,
+        in_specs=(P(), P(), spec, spec),
+        out_specs=P(),
+        check_vma=check_vma,
+      )
+    )
     sharding = NamedSharding(mesh, spec)
     try:
-      fn.lower(params, opt.init(params), jax.device_put(xs, sharding),
-               jax.device_put(ys, sharding))
+      fn.lower(
+        params,
+        opt.init(params),
+        jax.device_put(xs, sharding),
+        jax.device_put(ys, sharding),
+      )
       messages[name] = None
     except ValueError as error:
       messages[name] = str(error)
@@ -171,15 +208,31 @@ def sketch_error():
   mesh = jax.make_mesh((2, 4), ("data", "tangent"), axis_types=(AxisType.Explicit,) * 2)
 
   def sharded(params, tangents, xs, ys):
-    return sofo_jax.sketch(lambda p: loss(p, xs, ys), params, tangents,
-                           data_axis_name="data", tangent_axis_name="tangent")
+    return sofo_jax.sketch(
+      lambda p: loss(p, xs, ys),
+      params,
+      tangents,
+      data_axis_name="data",
+      tangent_axis_name="tangent",
+    )
 
-  fn = jax.jit(jax.shard_map(sharded, mesh=mesh, out_specs=P(), check_vma=False,
-                             in_specs=(P(), P(), batch_spec, batch_spec)))
+  fn = jax.jit(
+    jax.shard_map(
+      sharded,
+      mesh=mesh,
+      out_specs=P(),
+      check_vma=False,
+      in_specs=(P(), P(), batch_spec, batch_spec),
+    )
+  )
   sharding = NamedSharding(mesh, batch_spec)
-  result = fn(params, tangents, jax.device_put(xs, sharding), jax.device_put(ys, sharding))
-  return max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a)))
-             for a, b in zip(reference, result))
+  result = fn(
+    params, tangents, jax.device_put(xs, sharding), jax.device_put(ys, sharding)
+  )
+  return max(
+    float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a)))
+    for a, b in zip(reference, result)
+  )
 
 
 def main(part):

@@ -1,5 +1,7 @@
 """Tiny models shared by the tests (plain dict parameters)."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,11 +12,11 @@ import sofo_jax
 def mlp_params(rng, sizes, dtype=np.float64):
   """Parameters from a numpy Generator (test data needs no JAX compiles)."""
   return [
-      {
-          "w": (rng.normal(size=(n_in, n_out)) / np.sqrt(n_in)).astype(dtype),
-          "b": (0.1 * rng.normal(size=(n_out,))).astype(dtype),
-      }
-      for n_in, n_out in zip(sizes[:-1], sizes[1:])
+    {
+      "w": (rng.normal(size=(n_in, n_out)) / np.sqrt(n_in)).astype(dtype),
+      "b": (0.1 * rng.normal(size=(n_out,))).astype(dtype),
+    }
+    for n_in, n_out in itertools.pairwise(sizes)
   ]
 
 
@@ -26,10 +28,12 @@ def mlp(params, x):
 
 def rnn_params(rng, n_in, n_hidden, n_out, dtype=np.float64, gain=0.9):
   return {
-      "w_rec": (gain * rng.normal(size=(n_hidden, n_hidden)) / np.sqrt(n_hidden)).astype(dtype),
-      "w_in": (rng.normal(size=(n_in, n_hidden)) / np.sqrt(n_in)).astype(dtype),
-      "w_out": (rng.normal(size=(n_hidden, n_out)) / np.sqrt(n_hidden)).astype(dtype),
-      "b": (0.1 * rng.normal(size=(n_hidden,))).astype(dtype),
+    "w_rec": (gain * rng.normal(size=(n_hidden, n_hidden)) / np.sqrt(n_hidden)).astype(
+      dtype
+    ),
+    "w_in": (rng.normal(size=(n_in, n_hidden)) / np.sqrt(n_in)).astype(dtype),
+    "w_out": (rng.normal(size=(n_hidden, n_out)) / np.sqrt(n_hidden)).astype(dtype),
+    "b": (0.1 * rng.normal(size=(n_hidden,))).astype(dtype),
   }
 
 
@@ -59,5 +63,7 @@ def rnn_scan_loss(params, xs, targets, loss=sofo_jax.losses.mse):
     h = _rnn_cell(params, h, x_t)
     return (h, total + loss(h @ params["w_out"], target_t)), None
 
-  (_, total), _ = jax.lax.scan(step, (h0, sofo_jax.losses.zero(xs.dtype)), (xs, targets))
+  (_, total), _ = jax.lax.scan(
+    step, (h0, sofo_jax.losses.zero(xs.dtype)), (xs, targets)
+  )
   return total / xs.shape[0]

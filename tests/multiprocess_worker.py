@@ -30,17 +30,21 @@ if __name__ == "__main__":
   PROCESS_ID, PORT, DIRECTORY = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.config.update("jax_enable_x64", True)
-  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{PORT}", num_processes=2,
-                             process_id=PROCESS_ID, initialization_timeout=60)
+  jax.distributed.initialize(
+    coordinator_address=f"127.0.0.1:{PORT}",
+    num_processes=2,
+    process_id=PROCESS_ID,
+    initialization_timeout=60,
+  )
 
-import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import sofo_jax  # noqa: E402
+import sofo_jax
 
 sys.path.insert(0, os.path.dirname(__file__))
-import models  # noqa: E402
+import models
 
 K = 8
 BATCH = 16
@@ -65,6 +69,7 @@ def step_fn(opt):
     loss = lambda p: sofo_jax.losses.mse(models.mlp(p, xs), ys)
     updates, state = opt.update(None, state, params, loss_fn=loss)
     return jax.tree.map(lambda p, u: p + u, params, updates), state
+
   return step
 
 
@@ -74,8 +79,10 @@ def host(tree):
 
 
 def same_bits(a, b):
-  return all(np.asarray(x).tobytes() == np.asarray(y).tobytes()
-             for x, y in zip(jax.tree.leaves(host(a)), jax.tree.leaves(host(b))))
+  return all(
+    np.asarray(x).tobytes() == np.asarray(y).tobytes()
+    for x, y in zip(jax.tree.leaves(host(a)), jax.tree.leaves(host(b)))
+  )
 
 
 def main(process_id: int, directory: str):
@@ -90,8 +97,15 @@ def main(process_id: int, directory: str):
   ys = jax.make_array_from_process_local_data(batch, ys[half])
 
   opt = optimizer(data_axis_name="data")
-  step = jax.jit(jax.shard_map(step_fn(opt), mesh=mesh, check_vma=False,
-                               in_specs=(P(), P(), P("data"), P("data")), out_specs=P()))
+  step = jax.jit(
+    jax.shard_map(
+      step_fn(opt),
+      mesh=mesh,
+      check_vma=False,
+      in_specs=(P(), P(), P("data"), P("data")),
+      out_specs=P(),
+    )
+  )
 
   # device_put checks that every process passes the same value, and NaN
   # (SOFO's diagnostics before the first step) never equals itself: build
@@ -140,10 +154,20 @@ def main(process_id: int, directory: str):
     on_mesh = all(x.sharding == replicated for x in jax.tree.leaves((params, state)))
     for _ in range(STEPS - restored.step):
       params, state = step(params, state, xs, ys)
-    resumed[how] = dict(step=restored.step, on_mesh=on_mesh,
-                        bitwise=same_bits((params, state), straight))
-  print(json.dumps(dict(process=process_id, trajectory=trajectory, resumed=resumed,
-                        device_put_error=device_put_error, exists_error=exists_error)))
+    resumed[how] = dict(
+      step=restored.step, on_mesh=on_mesh, bitwise=same_bits((params, state), straight)
+    )
+  print(
+    json.dumps(
+      dict(
+        process=process_id,
+        trajectory=trajectory,
+        resumed=resumed,
+        device_put_error=device_put_error,
+        exists_error=exists_error,
+      )
+    )
+  )
   jax.distributed.shutdown()
 
 

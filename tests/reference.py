@@ -29,7 +29,7 @@ def damped_gauss_newton_step(gradient, gauss_newton, damping, relative=True):
   if relative:
     damping = damping * jnp.linalg.eigvalsh(gauss_newton)[-1]
   return jnp.linalg.solve(
-      gauss_newton + damping * jnp.eye(gauss_newton.shape[0]), gradient
+    gauss_newton + damping * jnp.eye(gauss_newton.shape[0]), gradient
   )
 
 

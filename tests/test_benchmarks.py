@@ -29,15 +29,28 @@ def _numbers(tree):
 def quick_results(tmp_path_factory):
   out = tmp_path_factory.mktemp("bench")
   env = {**os.environ, "SOFO_QUICK": "1"}
-  done = subprocess.run([sys.executable, str(RUN), "all", "--quick", "--out", str(out)],
-                        capture_output=True, text=True, env=env, timeout=300, check=False)
+  done = subprocess.run(
+    [sys.executable, str(RUN), "all", "--quick", "--out", str(out)],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+    check=False,
+  )
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   return out
 
 
 def test_writes_every_file(quick_results):
-  for name in ("convergence.json", "convergence.png", "memory.json", "memory.png",
-               "time_vs_k.json", "time_vs_k.png", "results.md"):
+  for name in (
+    "convergence.json",
+    "convergence.png",
+    "memory.json",
+    "memory.png",
+    "time_vs_k.json",
+    "time_vs_k.png",
+    "results.md",
+  ):
     path = quick_results / name
     assert path.exists() and path.stat().st_size > 0, name
   for name in ("convergence.png", "memory.png", "time_vs_k.png"):
@@ -82,7 +95,9 @@ def test_memory_and_time_json(quick_results):
   assert [r["K"] for r in timing["rows"]] == [4, 8]
   for row in timing["rows"]:
     assert row["jvp_median_ms"] > 0 and row["sofo_over_jvp"] > 0
-    assert len(row["sofo"]["samples_s"]) == len(row["jvp"]["samples_s"]) == timing["repeats"]
+    assert (
+      len(row["sofo"]["samples_s"]) == len(row["jvp"]["samples_s"]) == timing["repeats"]
+    )
   for name in ("convergence.json", "memory.json", "time_vs_k.json"):
     payload = json.loads((quick_results / name).read_text())
     assert all(math.isfinite(x) for x in _numbers(payload)), name
@@ -96,8 +111,19 @@ def test_results_markdown(quick_results):
 def _run_script(script: str, output, *args: str) -> dict:
   """Runs a benchmark script in quick mode and returns the JSON it wrote."""
   done = subprocess.run(
-      [sys.executable, str(RUN.parent / script), "--quick", *args, "--output", str(output)],
-      capture_output=True, text=True, timeout=600, check=False)
+    [
+      sys.executable,
+      str(RUN.parent / script),
+      "--quick",
+      *args,
+      "--output",
+      str(output),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   return json.loads(output.read_text())
 
@@ -128,7 +154,9 @@ def test_remat_baseline_quick(tmp_path):
 
 
 def test_reproduction_quick(tmp_path):
-  payload = _run_script("reproduce.py", tmp_path / "reproduction.json", "--tasks", "flip_flop")
+  payload = _run_script(
+    "reproduce.py", tmp_path / "reproduction.json", "--tasks", "flip_flop"
+  )
   task = payload["tasks"]["flip_flop"]
   for method in ("sofo_defaults", "sofo_paper", "sofo_tuned", "adam"):
     assert math.isfinite(task[method]["final_loss"]) and task[method]["ms_per_step"] > 0
@@ -137,18 +165,39 @@ def test_reproduction_quick(tmp_path):
 
 
 def test_defaults_check_quick(tmp_path):
-  payload = _run_script("defaults_check.py", tmp_path / "defaults.json", "--seeds", "1",
-                        "--steps", "10", "--tasks", "flip_flop",
-                        "--variants", "defaults,paper_fixed_damping")
-  assert {row["variant"] for row in payload["runs"]} == {"defaults", "paper_fixed_damping"}
+  payload = _run_script(
+    "defaults_check.py",
+    tmp_path / "defaults.json",
+    "--seeds",
+    "1",
+    "--steps",
+    "10",
+    "--tasks",
+    "flip_flop",
+    "--variants",
+    "defaults,paper_fixed_damping",
+  )
+  assert {row["variant"] for row in payload["runs"]} == {
+    "defaults",
+    "paper_fixed_damping",
+  }
   assert payload["summary"]["defaults"]["runs"] == 1
 
 
 def test_step_control_variants_quick_and_merge(tmp_path):
   output = tmp_path / "variants.json"
-  _run_script("step_control_variants.py", output, "--tasks", "kalman", "--variants", "defaults")
-  payload = _run_script("step_control_variants.py", output, "--merge", "--tasks", "kalman",
-                        "--variants", "min_rho")
+  _run_script(
+    "step_control_variants.py", output, "--tasks", "kalman", "--variants", "defaults"
+  )
+  payload = _run_script(
+    "step_control_variants.py",
+    output,
+    "--merge",
+    "--tasks",
+    "kalman",
+    "--variants",
+    "min_rho",
+  )
   rows = payload["tasks"]["kalman"]["variants"]
   assert set(rows) == {"defaults", "min_rho"}
   for row in rows.values():
@@ -166,8 +215,12 @@ def test_neurogym_check_quick(tmp_path):
 def test_gpu_dry_run(tmp_path):
   """``gpu.py --dry-run`` writes all four sections with positive, finite figures."""
   done = subprocess.run(
-      [sys.executable, str(RUN.parent / "gpu.py"), "--dry-run", "--out", str(tmp_path)],
-      capture_output=True, text=True, timeout=300, check=False)
+    [sys.executable, str(RUN.parent / "gpu.py"), "--dry-run", "--out", str(tmp_path)],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   payload = json.loads((tmp_path / "gpu.json").read_text())
   assert all(math.isfinite(x) for x in _numbers(payload))
@@ -176,10 +229,21 @@ def test_gpu_dry_run(tmp_path):
   assert "--dry-run" in payload["command"]
   step_cost = payload["step_cost"]
   assert step_cost["remat_check"]["agree"]
-  assert [(r["T"], r["K"]) for r in step_cost["rows"]] == [(10, 4), (10, 8), (20, 4), (20, 8)]
+  assert [(r["T"], r["K"]) for r in step_cost["rows"]] == [
+    (10, 4),
+    (10, 8),
+    (20, 4),
+    (20, 8),
+  ]
   for row in step_cost["rows"]:
-    for name in ("jvp_ms", "sofo_ms", "adam_bptt_ms", "adam_remat_ms", "sofo_over_jvp",
-                 "sofo_over_adam"):
+    for name in (
+      "jvp_ms",
+      "sofo_ms",
+      "adam_bptt_ms",
+      "adam_remat_ms",
+      "sofo_over_jvp",
+      "sofo_over_adam",
+    ):
       assert row[name] > 0, name
   for method, rows in payload["memory"]["series"].items():
     assert [(r["T"], r["status"]) for r in rows] == [(10, "ok"), (20, "ok")], method

@@ -34,11 +34,12 @@ pytest.importorskip("orbax.checkpoint")
 # After a failed read, orbax's tensorstore callbacks can reach an event loop
 # orbax has already closed; the error is raised and reported correctly, the
 # late callbacks only print noise.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+pytestmark = pytest.mark.filterwarnings(
+  "ignore::pytest.PytestUnraisableExceptionWarning"
+)
 
 import sofo_jax  # pylint: disable=g-import-not-at-top
-from sofo_jax import checkpoint
-from sofo_jax import losses
+from sofo_jax import checkpoint, losses
 
 RNG = np.random.default_rng(0)
 X = jnp.asarray(RNG.normal(size=(32, 2)), jnp.float32)
@@ -57,8 +58,12 @@ class Net(eqx.Module):
 
 def fresh_params():
   k1, k2 = jax.random.split(jax.random.key(7))
-  return Net(eqx.nn.Linear(2, 8, key=k1), eqx.nn.Linear(8, 2, key=k2),
-             jnp.asarray(1.0, jnp.bfloat16), jnp.asarray(0, jnp.int32))
+  return Net(
+    eqx.nn.Linear(2, 8, key=k1),
+    eqx.nn.Linear(8, 2, key=k2),
+    jnp.asarray(1.0, jnp.bfloat16),
+    jnp.asarray(0, jnp.int32),
+  )
 
 
 def loss_fn(net):
@@ -66,29 +71,39 @@ def loss_fn(net):
 
 
 OPTIMIZERS = {
-    # A chain whose state mixes SOFO's key and diagnostics with other state.
-    "sofo_chain": lambda k=4: optax.chain(
-        optax.clip_by_global_norm(1.0),
-        sofo_jax.scale_by_sofo(k, 1e-3, key=jax.random.key(3)),
-        optax.scale_by_learning_rate(0.5)),
-    "sofo_injected": lambda k=4: optax.inject_hyperparams(
-        sofo_jax.sofo, static_args=("num_tangents", "key", "tangent_distribution"))(
-            learning_rate=0.5, num_tangents=k, damping=1e-3,
-            key=jax.random.PRNGKey(3), tangent_distribution="orthonormal"),
-    "forward_gradient": lambda k=4: sofo_jax.forward_gradient(
-        0.01, k, key=jax.random.key(3, impl="rbg")),
+  # A chain whose state mixes SOFO's key and diagnostics with other state.
+  "sofo_chain": lambda k=4: optax.chain(
+    optax.clip_by_global_norm(1.0),
+    sofo_jax.scale_by_sofo(k, 1e-3, key=jax.random.key(3)),
+    optax.scale_by_learning_rate(0.5),
+  ),
+  "sofo_injected": lambda k=4: optax.inject_hyperparams(
+    sofo_jax.sofo, static_args=("num_tangents", "key", "tangent_distribution")
+  )(
+    learning_rate=0.5,
+    num_tangents=k,
+    damping=1e-3,
+    key=jax.random.PRNGKey(3),
+    tangent_distribution="orthonormal",
+  ),
+  "forward_gradient": lambda k=4: sofo_jax.forward_gradient(
+    0.01, k, key=jax.random.key(3, impl="rbg")
+  ),
 }
 
 
 def make_run(opt):
   """A fresh jitted loop of ``n`` steps (as a resumed process would build)."""
+
   @jax.jit
   def run(params, state, n_steps):
     def body(_, carry):
       params, state = carry
       updates, state = opt.update(None, state, params, loss_fn=loss_fn)
       return optax.apply_updates(params, updates), state
+
     return jax.lax.fori_loop(0, n_steps, body, (params, state))
+
   return run
 
 
@@ -114,7 +129,9 @@ def test_resume_is_bitwise_identical(name, tmp_path):
   # A new process: new optimizer object, new templates, new compiled step.
   new_opt = OPTIMIZERS[name]()
   template = fresh_params()
-  restored = checkpoint.restore(tmp_path / "ckpt", like=(template, new_opt.init(template)))
+  restored = checkpoint.restore(
+    tmp_path / "ckpt", like=(template, new_opt.init(template))
+  )
   assert restored.step == n // 2
   assert_bitwise_equal(restored.params, half_params)
   assert_bitwise_equal(restored.opt_state, half_state)
@@ -127,15 +144,22 @@ def test_resume_is_bitwise_identical(name, tmp_path):
 
 
 def test_restore_into_abstract_templates_and_python_leaves(tmp_path):
-  params = {"w": jnp.arange(3.0), "empty": jnp.zeros((0, 4)), "lr_scale": 0.5,
-            "n": 3, "table": np.arange(4, dtype=np.int16)}
+  params = {
+    "w": jnp.arange(3.0),
+    "empty": jnp.zeros((0, 4)),
+    "lr_scale": 0.5,
+    "n": 3,
+    "table": np.arange(4, dtype=np.int16),
+  }
   opt = sofo_jax.sofo(1.0, 2, key=jax.random.key(0))
   state = opt.init(params)
   checkpoint.save(tmp_path / "c", params, state, step=np.int64(11))
   like = (params, jax.eval_shape(opt.init, params))
   restored = checkpoint.restore(str(tmp_path / "c"), like=like)
   assert restored.step == 11
-  assert restored.params["lr_scale"] == 0.5 and isinstance(restored.params["lr_scale"], float)
+  assert restored.params["lr_scale"] == 0.5 and isinstance(
+    restored.params["lr_scale"], float
+  )
   assert restored.params["n"] == 3 and isinstance(restored.params["n"], int)
   assert isinstance(restored.params["table"], np.ndarray)
   assert restored.params["empty"].shape == (0, 4)
@@ -163,8 +187,11 @@ def test_existing_checkpoint_is_kept_unless_overwrite(tmp_path):
 
 @pytest.fixture
 def saved(tmp_path):
-  params = {"w": jnp.asarray(RNG.normal(size=(3, 2)), jnp.float32),
-            "b": jnp.zeros(2), "big": jnp.asarray(RNG.normal(size=(40, 20)), jnp.float32)}
+  params = {
+    "w": jnp.asarray(RNG.normal(size=(3, 2)), jnp.float32),
+    "b": jnp.zeros(2),
+    "big": jnp.asarray(RNG.normal(size=(40, 20)), jnp.float32),
+  }
   opt = sofo_jax.sofo(1.0, 4, key=jax.random.key(0))
   state = opt.init(params)
   path = checkpoint.save(tmp_path / "c", params, state, step=5)
@@ -174,7 +201,10 @@ def saved(tmp_path):
 def test_different_param_shapes(saved):
   path, params, state = saved
   other = dict(params, w=jnp.ones((3, 3)))
-  with pytest.raises(ValueError, match=r"\['params'\]\['w'\]: checkpoint \(3, 2\) float32, like \(3, 3\) float32"):
+  with pytest.raises(
+    ValueError,
+    match=r"\['params'\]\['w'\]: checkpoint \(3, 2\) float32, like \(3, 3\) float32",
+  ):
     checkpoint.restore(path, like=(other, state))
 
 
@@ -188,13 +218,19 @@ def test_different_dtype(saved):
 def test_different_num_tangents(saved):
   path, params, _ = saved
   state_k8 = sofo_jax.sofo(1.0, 8, key=jax.random.key(0)).init(params)
-  with pytest.raises(ValueError, match=r"eigenvalues: checkpoint \(4,\) float32, like \(8,\).*num_tangents"):
+  with pytest.raises(
+    ValueError,
+    match=r"eigenvalues: checkpoint \(4,\) float32, like \(8,\).*num_tangents",
+  ):
     checkpoint.restore(path, like=(params, state_k8))
 
 
 def test_different_param_structure(saved):
   path, params, state = saved
-  with pytest.raises(ValueError, match=r"only in the checkpoint: \['params'\]\['b'\].*only in `like`: \['params'\]\['c'\]"):
+  with pytest.raises(
+    ValueError,
+    match=r"only in the checkpoint: \['params'\]\['b'\].*only in `like`: \['params'\]\['c'\]",
+  ):
     checkpoint.restore(path, like=(dict(params, c=params.pop("b")), state))
 
 
@@ -208,7 +244,7 @@ def test_different_optimizer(saved):
 def test_same_leaves_different_containers(saved):
   path, params, state = saved
   # One more stateless transform in the chain: no new leaves, a new structure.
-  longer_chain = tuple(state) + (optax.EmptyState(),)
+  longer_chain = (*tuple(state), optax.EmptyState())
   with pytest.raises(ValueError, match=r"different tree structure.*First difference"):
     checkpoint.restore(path, like=(params, longer_chain))
   # A copy of the very same tree restores fine (the check is not over-eager).
@@ -216,7 +252,7 @@ def test_same_leaves_different_containers(saved):
 
 
 def test_like_must_be_a_pair(saved):
-  path, params, state = saved
+  path, params, _state = saved
   with pytest.raises(TypeError, match=r"like=\(params, opt_state\)"):
     checkpoint.restore(path, like=params)
 
@@ -229,15 +265,20 @@ def test_missing_checkpoint(tmp_path):
 @pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
 def test_typed_keys_round_trip_through_key_data(tmp_path, impl):
   key = jax.random.key(0, impl=impl)
-  params = {"w": jnp.ones(2), "key": key, "keys": jax.random.split(key, 3),
-            "no_keys": jax.random.split(key, 0)}
+  params = {
+    "w": jnp.ones(2),
+    "key": key,
+    "keys": jax.random.split(key, 3),
+    "no_keys": jax.random.split(key, 0),
+  }
   checkpoint.save(tmp_path / "c", params, (), step=1)
   for like in (params, jax.eval_shape(lambda: params)):
     restored = checkpoint.restore(tmp_path / "c", like=(like, ()))
     for name in ("key", "keys", "no_keys"):
       assert restored.params[name].dtype == params[name].dtype
-      assert_bitwise_equal(jax.random.key_data(restored.params[name]),
-                           jax.random.key_data(params[name]))
+      assert_bitwise_equal(
+        jax.random.key_data(restored.params[name]), jax.random.key_data(params[name])
+      )
   other = "rbg" if impl != "rbg" else "threefry2x32"
   like = dict(params, key=jax.random.key(0, impl=other))
   with pytest.raises(ValueError, match=r"\['params'\]\['key'\]: checkpoint \(\) key<"):
@@ -250,8 +291,9 @@ def test_typed_keys_round_trip_through_key_data(tmp_path, impl):
 def _data_files(path: pathlib.Path) -> list:
   skip = {"_CHECKPOINT_METADATA", "commit_success.txt", "_METADATA", "metadata"}
   return sorted(
-      p for p in path.rglob("*")
-      if p.is_file() and p.name not in skip and "metadata" not in p.parts
+    p
+    for p in path.rglob("*")
+    if p.is_file() and p.name not in skip and "metadata" not in p.parts
   )
 
 
@@ -280,7 +322,7 @@ def test_flipped_bits_in_array_data_caught_by_checksum(saved):
   largest = max(chunks, key=lambda p: p.stat().st_size)
   data = bytearray(largest.read_bytes())
   middle = len(data) // 2
-  data[middle:middle + 8] = bytes(b ^ 0xFF for b in data[middle:middle + 8])
+  data[middle : middle + 8] = bytes(b ^ 0xFF for b in data[middle : middle + 8])
   largest.write_bytes(bytes(data))
   with pytest.raises(ValueError, match="is corrupted"):
     checkpoint.restore(path, like=(params, state))
@@ -302,8 +344,11 @@ def test_corrupted_metadata(saved, damage):
 
 def test_not_a_sofo_checkpoint(tmp_path):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as c:
-    c.save(tmp_path / "other", args=ocp.args.Composite(metadata=ocp.args.JsonSave({"x": 1})))
+    c.save(
+      tmp_path / "other", args=ocp.args.Composite(metadata=ocp.args.JsonSave({"x": 1}))
+    )
   with pytest.raises(ValueError, match="not a sofo_jax checkpoint"):
     checkpoint.restore(tmp_path / "other", like=({}, ()))
 
@@ -324,8 +369,11 @@ def test_interrupted_save_leaves_no_checkpoint(tmp_path, monkeypatch):
 # Failed saves write nothing ----------------------------------------------------
 
 
-@pytest.mark.parametrize("bad", ["a string", lambda x: x, np.array(["a", "b"]), object()],
-                         ids=["str", "function", "str_array", "object"])
+@pytest.mark.parametrize(
+  "bad",
+  ["a string", lambda x: x, np.array(["a", "b"]), object()],
+  ids=["str", "function", "str_array", "object"],
+)
 def test_unsaveable_leaf_is_a_type_error_before_anything_is_written(tmp_path, bad):
   with pytest.raises(TypeError, match=r"Leaf \['params'\]\['bad'\] .*cannot be saved"):
     checkpoint.save(tmp_path / "c", {"w": jnp.ones(2), "bad": bad}, ())
@@ -334,6 +382,7 @@ def test_unsaveable_leaf_is_a_type_error_before_anything_is_written(tmp_path, ba
 
 def test_failed_write_leaves_no_temporary_directory(tmp_path, monkeypatch):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   seen = []
 
   async def disk_full(self, *args, **kwargs):
@@ -409,8 +458,12 @@ SCRIPT = pathlib.Path(__file__).parent / "checkpoint_processes.py"
 
 def _run(*args, timeout=120):
   """Runs checkpoint_processes.py; kills it if it overstays."""
-  process = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  process = subprocess.Popen(
+    [sys.executable, str(SCRIPT), *map(str, args)],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   try:
     out, err = process.communicate(timeout=timeout)
   finally:
@@ -421,9 +474,14 @@ def _run(*args, timeout=120):
 def test_two_processes_racing_for_one_path_exactly_one_wins(tmp_path):
   rounds = 6
   processes = [
-      subprocess.Popen([sys.executable, str(SCRIPT), "race", str(tmp_path), str(rounds), str(who)],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for who in (0, 1)]
+    subprocess.Popen(
+      [sys.executable, str(SCRIPT), "race", str(tmp_path), str(rounds), str(who)],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for who in (0, 1)
+  ]
   try:
     results = [process.communicate(timeout=120) for process in processes]
   finally:
@@ -433,13 +491,16 @@ def test_two_processes_racing_for_one_path_exactly_one_wins(tmp_path):
     assert process.returncode == 0, err[-3000:]
   outcomes = [json.loads(out.strip().splitlines()[-1]) for out, _ in results]
   import checkpoint_processes  # pylint: disable=g-import-not-at-top
+
   for r in range(rounds):
     pair = [outcomes[0][r], outcomes[1][r]]
     assert sorted(o == "saved" for o in pair) == [False, True], (r, pair)
     winner = pair.index("saved")
     loser_message = pair[1 - winner]
     # Forced rounds (even): both passed the existence check; the rename decided.
-    expected = "Another save created" if r % 2 == 0 else "Another save created|already exists"
+    expected = (
+      "Another save created" if r % 2 == 0 else "Another save created|already exists"
+    )
     assert re.search(f"FileExistsError: ({expected})", loser_message), loser_message
     like = checkpoint_processes.race_params(0)
     like = (like, checkpoint_processes.optimizer().init(like))
@@ -459,6 +520,7 @@ def test_static_function_field_restores_in_another_process(tmp_path):
   code, _, err = _run("save-model", tmp_path / "c")
   assert code == 0, err[-3000:]
   import checkpoint_processes  # pylint: disable=g-import-not-at-top
+
   net = checkpoint_processes.model()
   opt = checkpoint_processes.optimizer()
   restored = checkpoint.restore(tmp_path / "c", like=(net, opt.init(net)))
@@ -471,7 +533,9 @@ def test_static_function_field_restores_in_another_process(tmp_path):
 # Overwrite: atomic where it can be, recoverable where it cannot ------------------------
 
 
-def test_overwrite_failing_between_its_renames_keeps_the_old_checkpoint(saved, monkeypatch):
+def test_overwrite_failing_between_its_renames_keeps_the_old_checkpoint(
+  saved, monkeypatch
+):
   path, params, state = saved
   rename = os.rename
 
@@ -482,7 +546,9 @@ def test_overwrite_failing_between_its_renames_keeps_the_old_checkpoint(saved, m
 
   monkeypatch.setattr(os, "rename", failing_rename)
   with pytest.raises(KeyboardInterrupt):
-    checkpoint.save(path, jax.tree.map(jnp.zeros_like, params), state, step=6, overwrite=True)
+    checkpoint.save(
+      path, jax.tree.map(jnp.zeros_like, params), state, step=6, overwrite=True
+    )
   monkeypatch.setattr(os, "rename", rename)
   restored = checkpoint.restore(path, like=(params, state))
   assert restored.step == 5
@@ -496,6 +562,7 @@ def test_overwrite_killed_between_its_renames_is_recovered_by_restore(tmp_path):
   assert code == 17, err[-3000:]
   assert not path.exists()  # the crash left both checkpoints under hidden names
   import checkpoint_processes  # pylint: disable=g-import-not-at-top
+
   params = {"w": jnp.zeros(3)}
   like = (params, checkpoint_processes.optimizer().init(params))
   with pytest.warns(RuntimeWarning, match="overwrite was interrupted"):
@@ -526,9 +593,14 @@ def test_overwrite_refuses_what_is_not_a_checkpoint_before_writing(tmp_path, kin
     (target / "notes.txt").write_text("keep me")
 
   def snapshot():
-    return sorted((str(p.relative_to(tmp_path)), p.is_symlink(),
-                   p.read_bytes() if p.is_file() and not p.is_symlink() else b"")
-                  for p in tmp_path.rglob("*"))
+    return sorted(
+      (
+        str(p.relative_to(tmp_path)),
+        p.is_symlink(),
+        p.read_bytes() if p.is_file() and not p.is_symlink() else b"",
+      )
+      for p in tmp_path.rglob("*")
+    )
 
   before = snapshot()
   with pytest.raises(FileExistsError, match="Nothing was written"):
@@ -546,7 +618,9 @@ def test_resume_through_a_manager_is_bitwise_identical(tmp_path, async_save):
   params0 = fresh_params()
   run = make_run(opt)
   straight = run(params0, opt.init(params0), n)
-  with checkpoint.Manager(tmp_path / "run", max_to_keep=2, async_save=async_save) as manager:
+  with checkpoint.Manager(
+    tmp_path / "run", max_to_keep=2, async_save=async_save
+  ) as manager:
     params, state = params0, opt.init(params0)
     for step in range(1, n // 2 + 1):
       params, state = run(params, state, 1)
@@ -562,7 +636,9 @@ def test_resume_through_a_manager_is_bitwise_identical(tmp_path, async_save):
   resumed = make_run(new_opt)(restored.params, restored.opt_state, n - 3)
   assert_bitwise_equal(resumed, straight)
   # A step directory is in the format of save(): restore() reads it too.
-  again = checkpoint.restore(tmp_path / "run" / "3", like=(template, new_opt.init(template)))
+  again = checkpoint.restore(
+    tmp_path / "run" / "3", like=(template, new_opt.init(template))
+  )
   assert_bitwise_equal(again.opt_state, restored.opt_state)
 
 
@@ -620,7 +696,9 @@ def test_a_version_1_checkpoint_still_restores(tmp_path):
   np.testing.assert_array_equal(restored.params["w"], np.arange(6.0).reshape(2, 3))
   np.testing.assert_array_equal(restored.params["b"], np.full(3, 0.5))
   assert int(restored.opt_state[0].count) == 1
-  np.testing.assert_allclose(restored.opt_state[0].mu["w"], 0.1 * np.arange(6.0).reshape(2, 3))
+  np.testing.assert_allclose(
+    restored.opt_state[0].mu["w"], 0.1 * np.arange(6.0).reshape(2, 3)
+  )
 
 
 def test_a_corrupted_version_1_checkpoint_is_a_value_error(tmp_path):

@@ -15,7 +15,9 @@ def test_quick_demo_writes_table_inputs_and_plot(tmp_path, capsys):
   assert set(results) == {"SOFO (K=16)", "Adam + BPTT"}
   saved = json.loads((tmp_path / "results.json").read_text())
   for label, run in saved.items():
-    assert len(run["losses"]) == 20 and all(math.isfinite(x) for x in run["losses"]), label
+    assert len(run["losses"]) == 20 and all(math.isfinite(x) for x in run["losses"]), (
+      label
+    )
     assert math.isfinite(run["eval"]["loss"]) and 0 <= run["eval"]["accuracy"] <= 1
     assert run["ms_per_step"] > 0
   # SOFO at its defaults: the paper's learning rate, no warm-up, no blow-up.

@@ -26,10 +26,11 @@ def loss_fn(p):
 
 
 FACTORIES = {
-    "sofo": lambda key: sofo_jax.sofo(0.5, 3, 1e-3, key=key),
-    "sofo_orthonormal": lambda key: sofo_jax.sofo(
-        0.5, 3, 1e-3, key=key, tangent_distribution="orthonormal"),
-    "forward_gradient": lambda key: sofo_jax.forward_gradient(0.05, 3, key=key),
+  "sofo": lambda key: sofo_jax.sofo(0.5, 3, 1e-3, key=key),
+  "sofo_orthonormal": lambda key: sofo_jax.sofo(
+    0.5, 3, 1e-3, key=key, tangent_distribution="orthonormal"
+  ),
+  "forward_gradient": lambda key: sofo_jax.forward_gradient(0.05, 3, key=key),
 }
 
 
@@ -40,6 +41,7 @@ def make_trajectory(opt, num_steps=12, fixed_params=False):
   optimizer's own key is only used by ``init``: the run's randomness is the
   key in the state it is given.
   """
+
   def body(carry, _):
     params, state = carry
     updates, state = opt.update(None, state, params, loss_fn=loss_fn)
@@ -57,11 +59,16 @@ def make_trajectory(opt, num_steps=12, fixed_params=False):
 @pytest.mark.parametrize("name", sorted(FACTORIES))
 def test_same_key_same_trajectory_bit_for_bit(name):
   # Two optimizer objects, two traces, two compilations: same bits.
-  first_opt, second_opt = FACTORIES[name](jax.random.key(11)), FACTORIES[name](jax.random.key(11))
+  first_opt, second_opt = (
+    FACTORIES[name](jax.random.key(11)),
+    FACTORIES[name](jax.random.key(11)),
+  )
   first, _ = make_trajectory(first_opt)(first_opt.init(PARAMS))
   second, _ = make_trajectory(second_opt)(second_opt.init(PARAMS))
   assert first.tobytes() == second.tobytes()
-  other, _ = make_trajectory(first_opt)(FACTORIES[name](jax.random.key(12)).init(PARAMS))
+  other, _ = make_trajectory(first_opt)(
+    FACTORIES[name](jax.random.key(12)).init(PARAMS)
+  )
   assert not np.array_equal(first[0], other[0])
 
 
@@ -70,8 +77,11 @@ def test_every_step_draws_fresh_tangents(name):
   """From the *same* params, 12 successive steps give 12 different updates:
   only the key changed between them. (Without momentum: its tangent, the
   last update, would keep successive updates nearly parallel.)"""
-  opt = (sofo_jax.sofo(0.5, 3, 1e-3, key=jax.random.key(0), momentum=False)
-         if name == "sofo" else FACTORIES[name](jax.random.key(0)))
+  opt = (
+    sofo_jax.sofo(0.5, 3, 1e-3, key=jax.random.key(0), momentum=False)
+    if name == "sofo"
+    else FACTORIES[name](jax.random.key(0))
+  )
   updates, keys = make_trajectory(opt, fixed_params=True)(opt.init(PARAMS))
   assert len({k.tobytes() for k in keys}) == len(keys)
   assert len({u.tobytes() for u in updates}) == len(updates)
@@ -94,17 +104,24 @@ def test_a_skipped_step_still_advances_the_key():
   state = opt.init(PARAMS)
   _, skipped = update(state, True)
   assert not bool(sofo_jax.get_diagnostics(skipped).step_is_finite)
-  assert not np.array_equal(sofo_jax.get_state(skipped).key, sofo_jax.get_state(state).key)
+  assert not np.array_equal(
+    sofo_jax.get_state(skipped).key, sofo_jax.get_state(state).key
+  )
   # ...so the retry uses tangents the failed step did not.
   u_retry, _ = update(skipped, False)
   u_first, _ = update(state, False)
   assert not np.array_equal(u_retry, u_first)
 
 
-@pytest.mark.parametrize("name, impl", [
-    ("sofo", "threefry2x32"), ("sofo", "rbg"), ("sofo", "unsafe_rbg"),
+@pytest.mark.parametrize(
+  "name, impl",
+  [
+    ("sofo", "threefry2x32"),
+    ("sofo", "rbg"),
+    ("sofo", "unsafe_rbg"),
     ("forward_gradient", "rbg"),
-])
+  ],
+)
 def test_typed_keys_of_every_implementation(name, impl):
   key = jax.random.key(5, impl=impl)
   opt = FACTORIES[name](key)
@@ -117,7 +134,10 @@ def test_typed_keys_of_every_implementation(name, impl):
   updates, keys = run(state)
   assert np.all(np.isfinite(updates)) and np.all(np.linalg.norm(updates, axis=1) > 0)
   assert keys.shape == (4, *key_data.shape)
-  assert run(FACTORIES[name](jax.random.key(5, impl=impl)).init(PARAMS))[0].tobytes() == updates.tobytes()
+  assert (
+    run(FACTORIES[name](jax.random.key(5, impl=impl)).init(PARAMS))[0].tobytes()
+    == updates.tobytes()
+  )
 
 
 def test_typed_and_raw_threefry_keys_give_the_same_run():
@@ -145,6 +165,7 @@ def test_tangents_do_not_depend_on_the_cpu_draw_batch(monkeypatch, batch):
   # `batch` tangents (the remainder included: K = 7) must match drawing each
   # tangent alone from its own key, which is what vmap over all K does.
   from sofo_jax._src import tangents as tangents_lib  # pylint: disable=g-import-not-at-top
+
   num_params = sum(x.size for x in jax.tree.leaves(PARAMS))
   monkeypatch.setattr(tangents_lib, "_CPU_DRAW_BATCH", batch * num_params)
   drawn = sofo_jax.sample_tangents(jax.random.key(4), PARAMS, 7)
@@ -153,8 +174,12 @@ def test_tangents_do_not_depend_on_the_cpu_draw_batch(monkeypatch, batch):
   expected = flat / np.linalg.norm(flat, axis=1, keepdims=True)
   leaves, treedef = jax.tree.flatten(PARAMS)
   sizes = np.cumsum([0] + [x.size for x in leaves])
-  expected_tree = treedef.unflatten([
-      expected[:, a:b].reshape((7, *x.shape)) for a, b, x in zip(sizes[:-1], sizes[1:], leaves)])
+  expected_tree = treedef.unflatten(
+    [
+      expected[:, a:b].reshape((7, *x.shape))
+      for a, b, x in zip(sizes[:-1], sizes[1:], leaves)
+    ]
+  )
   for got, want in zip(jax.tree.leaves(drawn), jax.tree.leaves(expected_tree)):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-7)
 
@@ -162,8 +187,10 @@ def test_tangents_do_not_depend_on_the_cpu_draw_batch(monkeypatch, batch):
 def test_accelerator_draw_path_gives_the_same_tangents(monkeypatch):
   # Off CPU, all K tangents are drawn in one vmap; run that branch here.
   cpu = sofo_jax.sample_tangents(jax.random.key(4), PARAMS, 7)
-  monkeypatch.setattr(jax.lax, "platform_dependent",
-                      lambda *args, default, **per_platform: default(*args))
+  monkeypatch.setattr(
+    jax.lax, "platform_dependent", lambda *args, default, **per_platform: default(*args)
+  )
   accelerator = sofo_jax.sample_tangents(jax.random.key(4), PARAMS, 7)
-  np.testing.assert_allclose(ravel_pytree(accelerator)[0], ravel_pytree(cpu)[0],
-                             rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(
+    ravel_pytree(accelerator)[0], ravel_pytree(cpu)[0], rtol=1e-6, atol=1e-7
+  )

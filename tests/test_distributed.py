@@ -32,18 +32,24 @@ SHARD_MAP_MODES = ("data", "tangent", "data_tangent")
 @pytest.fixture(scope="module")
 def results():
   env = dict(os.environ)
-  env["XLA_FLAGS"] = " ".join([
+  env["XLA_FLAGS"] = " ".join(
+    [
       env.get("XLA_FLAGS", ""),
       "--xla_force_host_platform_device_count=8",
       "--xla_backend_optimization_level=0",
       "--xla_llvm_disable_expensive_passes=true",
-  ]).strip()
+    ]
+  ).strip()
   env["JAX_PLATFORMS"] = "cpu"
   processes = {
-      part: subprocess.Popen(
-          [sys.executable, SCRIPT, part], env=env, text=True,
-          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-      for part in MODELS
+    part: subprocess.Popen(
+      [sys.executable, SCRIPT, part],
+      env=env,
+      text=True,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+    )
+    for part in MODELS
   }
   merged = {"models": {}}
   for part, process in processes.items():
@@ -66,7 +72,7 @@ def _collectives(results, model, mode, kind=None):
   return [c for c in found if kind is None or c["kind"] == kind]
 
 
-@pytest.mark.parametrize("mode", SHARD_MAP_MODES + ("gspmd_jit",))
+@pytest.mark.parametrize("mode", (*SHARD_MAP_MODES, "gspmd_jit"))
 @pytest.mark.parametrize("model", MODELS)
 def test_parallel_updates_equal_single_device(results, model, mode):
   # Two successive steps: the replicated key advances identically everywhere.
@@ -80,9 +86,9 @@ def test_parallel_updates_equal_single_device(results, model, mode):
 def test_data_parallel_all_reduces_one_plus_k_plus_k_squared(results, model):
   k = results["models"][model]["K"]
   assert _collectives(results, model, "data") == [
-      {"kind": "all-reduce", "elements": 1 + k + k * k, "count": 1},
-      # Step control: the losses at the trial points and at the last point.
-      {"kind": "all-reduce", "elements": TRIAL_LOSSES, "count": 1},
+    {"kind": "all-reduce", "elements": 1 + k + k * k, "count": 1},
+    # Step control: the losses at the trial points and at the last point.
+    {"kind": "all-reduce", "elements": TRIAL_LOSSES, "count": 1},
   ]
 
 
@@ -91,11 +97,11 @@ def test_tangent_parallel_gathers_output_tangents_and_rows(results, model):
   info = results["models"][model]
   k, steps, outputs = info["K"], info["T"], info["outputs_per_loss"]
   assert _collectives(results, model, "tangent") == [
-      # Per loss evaluation (inside the user's scan for the RNN): the output
-      # tangents of all K lanes.
-      {"kind": "all-gather", "elements": k * outputs, "count": steps},
-      # Once: the K x K Gauss-Newton rows with the gradient as extra column.
-      {"kind": "all-gather", "elements": k * (k + 1), "count": 1},
+    # Per loss evaluation (inside the user's scan for the RNN): the output
+    # tangents of all K lanes.
+    {"kind": "all-gather", "elements": k * outputs, "count": steps},
+    # Once: the K x K Gauss-Newton rows with the gradient as extra column.
+    {"kind": "all-gather", "elements": k * (k + 1), "count": 1},
   ]
 
 
@@ -106,7 +112,8 @@ def test_two_dimensional_mesh_communication(results, model):
   data_shards, tangent_shards = 2, 4
   block = k // tangent_shards
   found = _collectives(results, model, "data_tangent")
-  assert sorted((c["kind"], c["elements"], c["count"]) for c in found) == sorted([
+  assert sorted((c["kind"], c["elements"], c["count"]) for c in found) == sorted(
+    [
       # Output tangents of the local half of the batch, every loss step.
       ("all-gather", k * outputs // data_shards, steps),
       # Loss, gradient block and row block of this device, over the data axis.
@@ -115,10 +122,11 @@ def test_two_dimensional_mesh_communication(results, model):
       ("all-gather", k * (k + 1), 1),
       # Step control's trial losses, over the data axis.
       ("all-reduce", TRIAL_LOSSES, 1),
-  ])
+    ]
+  )
 
 
-@pytest.mark.parametrize("mode", SHARD_MAP_MODES + ("gspmd_jit",))
+@pytest.mark.parametrize("mode", (*SHARD_MAP_MODES, "gspmd_jit"))
 @pytest.mark.parametrize("model", MODELS)
 def test_no_collective_of_parameter_size(results, model, mode):
   num_params = results["models"][model]["num_params"]
@@ -134,10 +142,12 @@ def test_plain_jit_with_sharded_batch_reduces_only_the_sketch(results, model):
   found = _collectives(results, model, "gspmd_jit")
   # XLA reduces inside the user's scan: once per time step for the RNN; the
   # sketch, and step control's trial losses.
-  assert sorted((c["kind"], c["elements"], c["count"]) for c in found) == sorted([
+  assert sorted((c["kind"], c["elements"], c["count"]) for c in found) == sorted(
+    [
       ("all-reduce", 1 + k + k * k, info["T"]),
       ("all-reduce", TRIAL_LOSSES, info["T"]),
-  ])
+    ]
+  )
 
 
 def test_public_sketch_on_a_two_dimensional_mesh(results):
@@ -160,12 +170,12 @@ def test_check_vma_and_indivisible_k_give_clear_errors(results):
 
 
 @pytest.mark.parametrize(
-    "kwargs, error",
-    [
-        (dict(data_axis_name=3), TypeError),
-        (dict(tangent_axis_name=("a", "b")), TypeError),
-        (dict(data_axis_name=("x", "t"), tangent_axis_name="t"), ValueError),
-    ],
+  "kwargs, error",
+  [
+    (dict(data_axis_name=3), TypeError),
+    (dict(tangent_axis_name=("a", "b")), TypeError),
+    (dict(data_axis_name=("x", "t"), tangent_axis_name="t"), ValueError),
+  ],
 )
 def test_bad_axis_names_raise_at_construction(kwargs, error):
   with pytest.raises(error):
@@ -178,5 +188,6 @@ def test_unbound_axis_raises_at_trace_time(name):
   params = {"w": jnp.ones(3)}
   loss_fn = lambda p: sofo_jax.losses.mse(p["w"], jnp.zeros(3))
   with pytest.raises(ValueError, match="not a bound axis"):
-    jax.eval_shape(lambda p, s: opt.update(None, s, p, loss_fn=loss_fn),
-                   params, opt.init(params))
+    jax.eval_shape(
+      lambda p, s: opt.update(None, s, p, loss_fn=loss_fn), params, opt.init(params)
+    )

@@ -17,5 +17,7 @@ def test_docstring_examples(name):
     module = importlib.import_module(name)
   except ImportError as error:  # an optional extra (e.g. neurogym) not installed
     pytest.skip(str(error))
-  result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+  result = doctest.testmod(
+    module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+  )
   assert result.failed == 0, f"{result.failed} docstring example(s) failed in {name}"

@@ -35,8 +35,13 @@ class RNN(nnx.Module):
 
   def __init__(self, rngs, num_in=2, num_hidden=8, num_out=1):
     self.w_in = nnx.Linear(num_in, num_hidden, rngs=rngs)
-    self.w_rec = nnx.Linear(num_hidden, num_hidden, use_bias=False, rngs=rngs,
-                            kernel_init=nnx.initializers.orthogonal(0.9))
+    self.w_rec = nnx.Linear(
+      num_hidden,
+      num_hidden,
+      use_bias=False,
+      rngs=rngs,
+      kernel_init=nnx.initializers.orthogonal(0.9),
+    )
     self.readout = nnx.Linear(num_hidden, num_out, rngs=rngs)
     self.num_hidden = num_hidden
 
@@ -46,6 +51,7 @@ class RNN(nnx.Module):
       x, target = inputs
       h = 0.8 * h + 0.2 * jnp.tanh(self.w_rec(h) + self.w_in(x))
       return (h, total + losses.mse(self.readout(h), target)), None
+
     h0 = jnp.zeros((xs.shape[1], self.num_hidden))
     (_, total), _ = jax.lax.scan(step, (h0, losses.zero()), (xs, targets))
     return total / xs.shape[0]
@@ -63,7 +69,9 @@ def _param_arrays(model):
 def test_nnx_optimizer_trains_an_mlp():
   x, y = _regression_data()
   model = MLP(nnx.Rngs(0))
-  optimizer = nnx.Optimizer(model, sofo_jax.sofo(1.0, 16, key=jax.random.key(0)), wrt=nnx.Param)
+  optimizer = nnx.Optimizer(
+    model, sofo_jax.sofo(1.0, 16, key=jax.random.key(0)), wrt=nnx.Param
+  )
   before = _param_arrays(model)
 
   @nnx.jit
@@ -93,7 +101,10 @@ def test_split_merge_with_a_plain_optax_loop_trains_an_rnn():
   xs = rng.normal(size=(10, 8, 2)).astype(np.float32)
   targets = np.tanh(np.cumsum(xs[..., :1], 0) / 3).astype(np.float32)
   model = RNN(nnx.Rngs(0))
-  before = {"bias": np.array(model.w_in.bias[...]), "kernel": np.array(model.w_rec.kernel[...])}
+  before = {
+    "bias": np.array(model.w_in.bias[...]),
+    "kernel": np.array(model.w_rec.kernel[...]),
+  }
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   # Freeze the biases (a mask over the State, like any pytree of params).
   mask = lambda p: jax.tree.map(lambda leaf: leaf.ndim == 2, p)
@@ -114,6 +125,8 @@ def test_split_merge_with_a_plain_optax_loop_trains_an_rnn():
     trained, state = step(trained, state)
   assert float(loss_fn(trained).value) < 0.7 * start
   nnx.update(model, trained)  # write the trained arrays back into the module
-  assert float(model.loss(xs, targets).value) == pytest.approx(float(loss_fn(trained).value))
+  assert float(model.loss(xs, targets).value) == pytest.approx(
+    float(loss_fn(trained).value)
+  )
   np.testing.assert_array_equal(model.w_in.bias[...], before["bias"])  # masked out
   assert np.all(np.asarray(model.w_rec.kernel[...]) != before["kernel"])

@@ -9,15 +9,14 @@ import re
 
 import jax
 import jax.numpy as jnp
+import models
 import numpy as np
 import pytest
+import reference
 from jax.flatten_util import ravel_pytree
 
 import sofo_jax
 from sofo_jax import losses
-
-import models
-import reference
 
 BATCH, N_IN, K = (2, 3), 2, 5
 
@@ -28,37 +27,38 @@ def _log_softmax(z):
 
 # name: (output features, weighted sofo loss, per-example reference, targets).
 CASES = {
-    "mse": (
-        2,
-        lambda y, t, w: losses.mse(y, t, weights=w),
-        lambda y, t: jnp.sum((y - t) ** 2, -1),
-        lambda rng, shape: rng.normal(size=shape),
+  "mse": (
+    2,
+    lambda y, t, w: losses.mse(y, t, weights=w),
+    lambda y, t: jnp.sum((y - t) ** 2, -1),
+    lambda rng, shape: rng.normal(size=shape),
+  ),
+  "gaussian_nll": (
+    2,
+    lambda y, t, w: losses.gaussian_nll(y, t, 0.3, weights=w),
+    lambda y, t: jnp.sum((y - t) ** 2 / 0.6 + 0.5 * jnp.log(2 * jnp.pi * 0.3), -1),
+    lambda rng, shape: rng.normal(size=shape),
+  ),
+  "softmax_cross_entropy": (
+    4,
+    lambda y, t, w: losses.softmax_cross_entropy(y, t, weights=w),
+    lambda y, t: -jnp.take_along_axis(_log_softmax(y), t[..., None], -1)[..., 0],
+    lambda rng, shape: rng.integers(0, shape[-1], shape[:-1]).astype(np.int32),
+  ),
+  "sigmoid_binary_cross_entropy": (
+    2,
+    lambda y, t, w: losses.sigmoid_binary_cross_entropy(y, t, weights=w),
+    lambda y, t: jnp.sum(
+      -t * jnp.log(jax.nn.sigmoid(y)) - (1 - t) * jnp.log(1 - jax.nn.sigmoid(y)), -1
     ),
-    "gaussian_nll": (
-        2,
-        lambda y, t, w: losses.gaussian_nll(y, t, 0.3, weights=w),
-        lambda y, t: jnp.sum((y - t) ** 2 / 0.6 + 0.5 * jnp.log(2 * jnp.pi * 0.3), -1),
-        lambda rng, shape: rng.normal(size=shape),
-    ),
-    "softmax_cross_entropy": (
-        4,
-        lambda y, t, w: losses.softmax_cross_entropy(y, t, weights=w),
-        lambda y, t: -jnp.take_along_axis(_log_softmax(y), t[..., None], -1)[..., 0],
-        lambda rng, shape: rng.integers(0, shape[-1], shape[:-1]).astype(np.int32),
-    ),
-    "sigmoid_binary_cross_entropy": (
-        2,
-        lambda y, t, w: losses.sigmoid_binary_cross_entropy(y, t, weights=w),
-        lambda y, t: jnp.sum(-t * jnp.log(jax.nn.sigmoid(y))
-                             - (1 - t) * jnp.log(1 - jax.nn.sigmoid(y)), -1),
-        lambda rng, shape: rng.uniform(size=shape),
-    ),
-    "poisson": (
-        3,
-        lambda y, t, w: losses.poisson(y, t, weights=w),
-        lambda y, t: jnp.sum(jnp.exp(y) - t * y, -1),
-        lambda rng, shape: rng.poisson(1.5, shape).astype(np.int32),
-    ),
+    lambda rng, shape: rng.uniform(size=shape),
+  ),
+  "poisson": (
+    3,
+    lambda y, t, w: losses.poisson(y, t, weights=w),
+    lambda y, t: jnp.sum(jnp.exp(y) - t * y, -1),
+    lambda rng, shape: rng.poisson(1.5, shape).astype(np.int32),
+  ),
 }
 
 
@@ -73,20 +73,25 @@ def test_weighted_value_and_sketch_match_the_dense_reference(x64, name):
   n_out, sofo_loss, per_example, sample_targets = CASES[name]
   rng = np.random.default_rng(1)
   params = models.mlp_params(rng, [N_IN, 3, n_out])
-  x = rng.normal(size=BATCH + (N_IN,))
-  targets = sample_targets(rng, BATCH + (n_out,))
+  x = rng.normal(size=(*BATCH, N_IN))
+  targets = sample_targets(rng, (*BATCH, n_out))
   weights = _weights(rng)
   outputs_fn = lambda p: models.mlp(p, x)
-  loss_of_outputs = lambda y: jnp.sum(weights * per_example(y, targets)) / np.prod(BATCH)
+  loss_of_outputs = lambda y: (
+    jnp.sum(weights * per_example(y, targets)) / np.prod(BATCH)
+  )
   gradient, gauss_newton = jax.jit(
-      lambda p: reference.dense_gauss_newton(p, outputs_fn, loss_of_outputs))(params)
+    lambda p: reference.dense_gauss_newton(p, outputs_fn, loss_of_outputs)
+  )(params)
   tangents = sofo_jax.sample_tangents(jax.random.key(3), params, K)
   theta = jax.vmap(lambda t: ravel_pytree(t)[0])(tangents).T  # (P, K)
 
   # Weights passed as a jit argument: traced data all the way to the rule.
   @jax.jit
   def sketches(p, w):
-    one = lambda w: sofo_jax.sketch(lambda q: sofo_loss(outputs_fn(q), targets, w), p, tangents)
+    one = lambda w: sofo_jax.sketch(
+      lambda q: sofo_loss(outputs_fn(q), targets, w), p, tangents
+    )
     return one(w), one(jnp.ones_like(w))
 
   (value, g, G), unweighted = sketches(params, weights)
@@ -101,8 +106,8 @@ def test_weighted_value_and_sketch_match_the_dense_reference(x64, name):
 def test_normalisation_divides_by_the_batch_size(name):
   n_out, sofo_loss, _, sample_targets = CASES[name]
   rng = np.random.default_rng(2)
-  y = rng.normal(size=BATCH + (n_out,)).astype(np.float32)
-  targets = sample_targets(rng, BATCH + (n_out,))
+  y = rng.normal(size=(*BATCH, n_out)).astype(np.float32)
+  targets = sample_targets(rng, (*BATCH, n_out))
   mask = np.zeros(BATCH, bool)
   mask[1] = True  # keep half of the batch
   plain = sofo_loss(y, targets, None).value
@@ -115,21 +120,26 @@ def test_normalisation_divides_by_the_batch_size(name):
   row_weights = sofo_loss(y, targets, np.array([[0.0], [1.0]])).value
   np.testing.assert_allclose(row_weights, masked, rtol=1e-6)
   # A float 0/1 mask and a bool mask give the same loss.
-  np.testing.assert_allclose(sofo_loss(y, targets, mask.astype(np.float32)).value, masked)
+  np.testing.assert_allclose(
+    sofo_loss(y, targets, mask.astype(np.float32)).value, masked
+  )
 
 
 def test_bool_and_float_masks_give_the_same_sketch():
   rng = np.random.default_rng(3)
   params = models.mlp_params(rng, [N_IN, 3, 2], np.float32)
-  x = rng.normal(size=BATCH + (N_IN,)).astype(np.float32)
-  targets = rng.normal(size=BATCH + (2,)).astype(np.float32)
+  x = rng.normal(size=(*BATCH, N_IN)).astype(np.float32)
+  targets = rng.normal(size=(*BATCH, 2)).astype(np.float32)
   mask = rng.uniform(size=BATCH) > 0.5
   tangents = sofo_jax.sample_tangents(jax.random.key(0), params, 3)
   as_bool = sofo_jax.sketch(
-      lambda p: losses.mse(models.mlp(p, x), targets, weights=mask), params, tangents)
+    lambda p: losses.mse(models.mlp(p, x), targets, weights=mask), params, tangents
+  )
   as_float = sofo_jax.sketch(
-      lambda p: losses.mse(models.mlp(p, x), targets, weights=mask.astype(np.float32)),
-      params, tangents)
+    lambda p: losses.mse(models.mlp(p, x), targets, weights=mask.astype(np.float32)),
+    params,
+    tangents,
+  )
   for a, b in zip(as_bool, as_float):
     np.testing.assert_allclose(a, b, rtol=1e-6)
   assert as_bool.gauss_newton.dtype == jnp.float32
@@ -167,9 +177,12 @@ def test_time_mask_as_a_bool_scale_matches_the_dense_reference(x64):
 
   outputs_fn = lambda p: models.rnn_outputs(p, xs)
   keep = (np.arange(T_STEPS) >= T0)[:, None]
-  loss_of_outputs = lambda ys: jnp.sum(keep * jnp.sum((ys - targets) ** 2, -1)) / (T_STEPS * 3)
+  loss_of_outputs = lambda ys: (
+    jnp.sum(keep * jnp.sum((ys - targets) ** 2, -1)) / (T_STEPS * 3)
+  )
   gradient, gauss_newton = jax.jit(
-      lambda p: reference.dense_gauss_newton(p, outputs_fn, loss_of_outputs))(params)
+    lambda p: reference.dense_gauss_newton(p, outputs_fn, loss_of_outputs)
+  )(params)
   tangents = sofo_jax.sample_tangents(jax.random.key(1), params, K)
   theta = jax.vmap(lambda t: ravel_pytree(t)[0])(tangents).T
   value, g, G = jax.jit(lambda p: sofo_jax.sketch(loss_fn, p, tangents))(params)
@@ -179,7 +192,9 @@ def test_time_mask_as_a_bool_scale_matches_the_dense_reference(x64):
   assert jnp.allclose(G, theta.T @ gauss_newton @ theta, rtol=1e-10, atol=1e-13)
 
 
-@pytest.mark.parametrize("mask", [True, np.bool_(True), jnp.array(True), jnp.arange(3)[1] >= 1])
+@pytest.mark.parametrize(
+  "mask", [True, np.bool_(True), jnp.array(True), jnp.arange(3)[1] >= 1]
+)
 def test_a_loss_scaled_by_a_true_bool_is_unchanged(mask):
   loss = losses.mse(jnp.ones((4, 2)), jnp.zeros((4, 2)))
   for scaled in (mask * loss, loss * mask):
@@ -193,11 +208,15 @@ def test_a_loss_scaled_by_a_false_bool_is_zero():
   assert float(loss * jnp.array(False)) == 0.0
 
 
-@pytest.mark.parametrize("scale, dtype", [(jnp.ones(3), "float32"), (1j, "complex"),
-                                          (jnp.ones(2, bool), "bool")])
+@pytest.mark.parametrize(
+  "scale, dtype",
+  [(jnp.ones(3), "float32"), (1j, "complex"), (jnp.ones(2, bool), "bool")],
+)
 def test_bad_scales_say_what_to_do_instead(scale, dtype):
   loss = losses.mse(jnp.ones((4, 2)), jnp.zeros((4, 2)))
-  with pytest.raises(TypeError, match=rf"real scalar.*dtype {dtype}.*pass weights= to the loss"):
+  with pytest.raises(
+    TypeError, match=rf"real scalar.*dtype {dtype}.*pass weights= to the loss"
+  ):
     loss * scale
 
 
@@ -206,8 +225,10 @@ def test_bad_scales_say_what_to_do_instead(scale, dtype):
 
 def _spiking_loss(counts_dtype):
   rng = np.random.default_rng(5)
-  params = {"w": jnp.asarray(0.5 * rng.normal(size=(2, 2)), jnp.float32),
-            "u": jnp.asarray(rng.normal(size=(2,)), jnp.float32)}
+  params = {
+    "w": jnp.asarray(0.5 * rng.normal(size=(2, 2)), jnp.float32),
+    "u": jnp.asarray(rng.normal(size=(2,)), jnp.float32),
+  }
   xs = jnp.asarray(rng.normal(size=(T_STEPS, 3, 2)), jnp.float32)
   counts = jnp.asarray(rng.poisson(1.0, (T_STEPS, 3, 2)), counts_dtype)
 
@@ -270,9 +291,13 @@ def test_jax_grad_of_a_loss_returning_closure_hints_at_value():
   # JAX formats the returned object with str() into its message; a Loss's
   # str() says to differentiate `.value`.
   loss_fn = lambda y: losses.mse(y, jnp.zeros(2))
-  with pytest.raises(TypeError, match=r"Output was Loss\(.*jax\.grad\(lambda p: loss_fn\(p\)\.value\)"):
+  with pytest.raises(
+    TypeError, match=r"Output was Loss\(.*jax\.grad\(lambda p: loss_fn\(p\)\.value\)"
+  ):
     jax.grad(loss_fn)(jnp.ones(2))
-  np.testing.assert_allclose(jax.grad(lambda y: loss_fn(y).value)(jnp.ones(2)), [2.0, 2.0])
+  np.testing.assert_allclose(
+    jax.grad(lambda y: loss_fn(y).value)(jnp.ones(2)), [2.0, 2.0]
+  )
 
 
 # Bad weights --------------------------------------------------------------------------------
@@ -282,10 +307,12 @@ def test_jax_grad_of_a_loss_returning_closure_hints_at_value():
 def test_weights_of_the_wrong_shape_name_the_loss_and_shapes(name):
   n_out, sofo_loss, _, sample_targets = CASES[name]
   rng = np.random.default_rng(6)
-  y = rng.normal(size=BATCH + (n_out,)).astype(np.float32)
-  targets = sample_targets(rng, BATCH + (n_out,))
-  message = (f"{name}: weights of shape (4,) do not broadcast to the batch shape "
-             f"{BATCH} (outputs of shape {y.shape}")
+  y = rng.normal(size=(*BATCH, n_out)).astype(np.float32)
+  targets = sample_targets(rng, (*BATCH, n_out))
+  message = (
+    f"{name}: weights of shape (4,) do not broadcast to the batch shape "
+    f"{BATCH} (outputs of shape {y.shape}"
+  )
   with pytest.raises(ValueError, match=re.escape(message)):
     sofo_loss(y, targets, np.ones(4))
   # Per-feature weights are not per-example weights.
@@ -297,22 +324,28 @@ def test_weights_of_the_wrong_shape_name_the_loss_and_shapes(name):
 def test_negative_concrete_weights_are_rejected(name):
   n_out, sofo_loss, _, sample_targets = CASES[name]
   rng = np.random.default_rng(7)
-  y = rng.normal(size=BATCH + (n_out,)).astype(np.float32)
-  targets = sample_targets(rng, BATCH + (n_out,))
+  y = rng.normal(size=(*BATCH, n_out)).astype(np.float32)
+  targets = sample_targets(rng, (*BATCH, n_out))
   weights = np.ones(BATCH)
   weights[1, 1] = -0.5
-  with pytest.raises(ValueError, match=rf"{name}: weights must be non-negative.*got -0\.5"):
+  with pytest.raises(
+    ValueError, match=rf"{name}: weights must be non-negative.*got -0\.5"
+  ):
     sofo_loss(y, targets, weights)
 
 
 def test_traced_weights_are_not_inspected():
-  fn = jax.jit(lambda w: losses.mse(jnp.ones((2, 1)), jnp.zeros((2, 1)), weights=w).value)
+  fn = jax.jit(
+    lambda w: losses.mse(jnp.ones((2, 1)), jnp.zeros((2, 1)), weights=w).value
+  )
   np.testing.assert_allclose(fn(jnp.array([1.0, 3.0])), 2.0)
 
 
 def test_complex_weights_are_rejected():
   with pytest.raises(TypeError, match=r"poisson: weights must be real .*complex64"):
-    losses.poisson(jnp.zeros((2, 1)), jnp.zeros((2, 1)), weights=jnp.ones(2, jnp.complex64))
+    losses.poisson(
+      jnp.zeros((2, 1)), jnp.zeros((2, 1)), weights=jnp.ones(2, jnp.complex64)
+    )
 
 
 def test_integer_weights_are_cast():

@@ -21,22 +21,30 @@ def test_mse_convention():
 def test_mse_batch_axes_are_all_leading_axes():
   ys = jnp.asarray(RNG.normal(size=(2, 4, 3)))
   ts = jnp.zeros((2, 4, 3))
-  np.testing.assert_allclose(losses.mse(ys, ts).value, np.sum(np.asarray(ys) ** 2) / 8, rtol=1e-6)
+  np.testing.assert_allclose(
+    losses.mse(ys, ts).value, np.sum(np.asarray(ys) ** 2) / 8, rtol=1e-6
+  )
 
 
 def test_softmax_ce_matches_optax_for_labels_and_probabilities():
   labels = jnp.asarray(RNG.integers(0, 3, 5))
   expected = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(Y, labels))
-  np.testing.assert_allclose(losses.softmax_cross_entropy(Y, labels).value, expected, rtol=1e-6)
+  np.testing.assert_allclose(
+    losses.softmax_cross_entropy(Y, labels).value, expected, rtol=1e-6
+  )
   probs = jax.nn.softmax(T)
   expected = jnp.mean(optax.softmax_cross_entropy(Y, probs))
-  np.testing.assert_allclose(losses.softmax_cross_entropy(Y, probs).value, expected, rtol=1e-6)
+  np.testing.assert_allclose(
+    losses.softmax_cross_entropy(Y, probs).value, expected, rtol=1e-6
+  )
 
 
 def test_sigmoid_bce_matches_optax():
   labels = jnp.asarray(RNG.uniform(size=(5, 3)), jnp.float32)
   expected = jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(Y, labels), -1))
-  np.testing.assert_allclose(losses.sigmoid_binary_cross_entropy(Y, labels).value, expected, rtol=1e-6)
+  np.testing.assert_allclose(
+    losses.sigmoid_binary_cross_entropy(Y, labels).value, expected, rtol=1e-6
+  )
 
 
 def test_poisson_matches_the_likelihood_up_to_log_factorial():
@@ -76,16 +84,24 @@ def test_mean_over_time_in_a_scan():
   ys = jnp.asarray(RNG.normal(size=(6, 5, 3)), jnp.float32)
 
   def loss_fn(ys):
-    total, _ = jax.lax.scan(lambda c, y: (c + losses.mse(y, jnp.zeros_like(y)), None), losses.zero(), ys)
+    total, _ = jax.lax.scan(
+      lambda c, y: (c + losses.mse(y, jnp.zeros_like(y)), None), losses.zero(), ys
+    )
     return total / ys.shape[0]
 
-  np.testing.assert_allclose(loss_fn(ys).value, np.sum(np.asarray(ys) ** 2) / 30, rtol=1e-5)
+  np.testing.assert_allclose(
+    loss_fn(ys).value, np.sum(np.asarray(ys) ** 2) / 30, rtol=1e-5
+  )
 
 
 def test_grad_outside_sofo_is_ordinary():
   fn = lambda y: losses.softmax_cross_entropy(y, jnp.arange(5) % 3).value
-  reference = lambda y: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(y, jnp.arange(5) % 3))
-  np.testing.assert_allclose(jax.grad(fn)(Y), jax.grad(reference)(Y), rtol=1e-5, atol=1e-7)
+  reference = lambda y: jnp.mean(
+    optax.softmax_cross_entropy_with_integer_labels(y, jnp.arange(5) % 3)
+  )
+  np.testing.assert_allclose(
+    jax.grad(fn)(Y), jax.grad(reference)(Y), rtol=1e-5, atol=1e-7
+  )
 
 
 def test_losses_jit_and_vmap():

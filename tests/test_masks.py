@@ -12,17 +12,16 @@
 
 import jax
 import jax.numpy as jnp
+import models
 import numpy as np
 import optax
 import pytest
+import reference
 from jax.flatten_util import ravel_pytree
 
 import sofo_jax
 from sofo_jax import losses
 from sofo_jax._src import tree as tree_lib
-
-import models
-import reference
 
 N_IN, N_HIDDEN, N_OUT, T, B = 2, 5, 2, 4, 3
 
@@ -33,29 +32,42 @@ def _rnn_problem(seed=0, dtype=np.float32):
   xs = rng.normal(size=(T, B, N_IN)).astype(dtype)
   targets = rng.normal(size=(T, B, N_OUT)).astype(dtype)
   connectivity = rng.random((N_HIDDEN, N_HIDDEN)) < 0.5
-  mask = {"w_rec": connectivity, "w_in": True, "w_out": rng.random((N_HIDDEN, N_OUT)) < 0.7,
-          "b": False}
+  mask = {
+    "w_rec": connectivity,
+    "w_in": True,
+    "w_out": rng.random((N_HIDDEN, N_OUT)) < 0.7,
+    "b": False,
+  }
   loss_fn = lambda p: models.rnn_scan_loss(p, xs, targets)
   return params, mask, loss_fn
 
 
 def _frozen(mask, params):
   """``~mask`` as full boolean arrays like ``params`` (True = frozen entry)."""
-  return jax.tree.map(lambda m, p: ~np.broadcast_to(np.asarray(m), np.shape(p)), mask, params)
+  return jax.tree.map(
+    lambda m, p: ~np.broadcast_to(np.asarray(m), np.shape(p)), mask, params
+  )
 
 
 # Exactly zero on frozen entries, over several steps --------------------------------
 
 
 OPTIMIZERS = {
-    "defaults": lambda mask: sofo_jax.sofo(1.0, 6, key=jax.random.key(0), mask=mask),
-    "paper": lambda mask: sofo_jax.sofo(
-        0.5, 6, 1e-3, key=jax.random.key(0), adaptive=False, mask=mask),
-    "recycled_orthonormal": lambda mask: sofo_jax.sofo(
-        1.0, 6, key=jax.random.key(0), num_recycled=2,
-        tangent_distribution="orthonormal", mask=mask),
-    "forward_gradient": lambda mask: sofo_jax.forward_gradient(
-        0.05, 6, key=jax.random.key(0), mask=mask),
+  "defaults": lambda mask: sofo_jax.sofo(1.0, 6, key=jax.random.key(0), mask=mask),
+  "paper": lambda mask: sofo_jax.sofo(
+    0.5, 6, 1e-3, key=jax.random.key(0), adaptive=False, mask=mask
+  ),
+  "recycled_orthonormal": lambda mask: sofo_jax.sofo(
+    1.0,
+    6,
+    key=jax.random.key(0),
+    num_recycled=2,
+    tangent_distribution="orthonormal",
+    mask=mask,
+  ),
+  "forward_gradient": lambda mask: sofo_jax.forward_gradient(
+    0.05, 6, key=jax.random.key(0), mask=mask
+  ),
 }
 
 
@@ -72,9 +84,13 @@ def test_updates_are_exactly_zero_on_frozen_entries_over_steps(name):
     for u, f in zip(jax.tree.leaves(updates), jax.tree.leaves(frozen)):
       assert np.all(np.asarray(u)[f] == 0)
     params = optax.apply_updates(params, updates)
-  for p, p0, f in zip(jax.tree.leaves(params), jax.tree.leaves(start), jax.tree.leaves(frozen)):
+  for p, p0, f in zip(
+    jax.tree.leaves(params), jax.tree.leaves(start), jax.tree.leaves(frozen)
+  ):
     np.testing.assert_array_equal(np.asarray(p)[f], np.asarray(p0)[f])  # bit for bit
-    assert np.all(np.asarray(p)[~f] != np.asarray(p0)[~f])  # every trainable entry moved
+    assert np.all(
+      np.asarray(p)[~f] != np.asarray(p0)[~f]
+    )  # every trainable entry moved
   # The buffers the next step builds tangents from respect the mask too.
   inner = sofo_jax.get_state(state)
   if name == "defaults":  # momentum is on by default: its buffer is checked below
@@ -98,7 +114,9 @@ def test_masked_tangents_live_in_the_trainable_subspace(x64, distribution):
   part = tree_lib.partition(params, mask)
   assert tree_lib.num_trainable(part) == num_free  # entries, not leaf sizes
   for k in (5, num_free, num_free + 4):
-    tangents = sofo_jax.sample_tangents(jax.random.key(k), params, k, distribution, mask=mask)
+    tangents = sofo_jax.sample_tangents(
+      jax.random.key(k), params, k, distribution, mask=mask
+    )
     assert tangents["b"] is None  # a leaf-level False draws nothing
     tangents["b"] = jnp.zeros((k, N_HIDDEN))
     theta = jax.vmap(lambda t: ravel_pytree(t)[0])(tangents)  # (K, P)
@@ -113,8 +131,12 @@ def test_masked_tangents_live_in_the_trainable_subspace(x64, distribution):
 
 def test_all_or_nothing_entry_masks_are_leaf_flags():
   params, _, _ = _rnn_problem()
-  mask = {"w_rec": np.ones((N_HIDDEN, N_HIDDEN), bool), "w_in": np.zeros((N_IN, N_HIDDEN), bool),
-          "w_out": True, "b": False}
+  mask = {
+    "w_rec": np.ones((N_HIDDEN, N_HIDDEN), bool),
+    "w_in": np.zeros((N_IN, N_HIDDEN), bool),
+    "w_out": True,
+    "b": False,
+  }
   part = tree_lib.partition(params, mask)
   assert part.entry_masks == (None, None)  # w_out and w_rec, whole
   assert tree_lib.num_trainable(part) == N_HIDDEN * N_HIDDEN + N_HIDDEN * N_OUT
@@ -162,15 +184,21 @@ def _restricted_problem(model, seed):
     x = rng.normal(size=(B, N_IN))
     targets = rng.normal(size=(B, N_OUT))
     outputs_fn = lambda p: models.mlp(p, x)
-    mask = [{"w": rng.random((N_IN, 3)) < 0.6, "b": False},
-            {"w": True, "b": np.array([True, False])}]
+    mask = [
+      {"w": rng.random((N_IN, 3)) < 0.6, "b": False},
+      {"w": True, "b": np.array([True, False])},
+    ]
   else:
     params = models.rnn_params(rng, N_IN, 3, N_OUT)
     xs = rng.normal(size=(T, B, N_IN))
     targets = rng.normal(size=(T, B, N_OUT))
     outputs_fn = lambda p: models.rnn_outputs(p, xs)
-    mask = {"w_rec": rng.random((3, 3)) < 0.5, "w_in": True,
-            "w_out": rng.random((3, N_OUT)) < 0.6, "b": False}
+    mask = {
+      "w_rec": rng.random((3, 3)) < 0.5,
+      "w_in": True,
+      "w_out": rng.random((3, N_OUT)) < 0.6,
+      "b": False,
+    }
   loss_fn = lambda p: losses.mse(outputs_fn(p), targets)
   loss_of_outputs = lambda y: jnp.mean(jnp.sum((y - targets) ** 2, -1))
   return params, mask, outputs_fn, loss_fn, loss_of_outputs
@@ -178,30 +206,44 @@ def _restricted_problem(model, seed):
 
 def _restricted_step(params, mask, outputs_fn, loss_of_outputs, damping, relative):
   """The dense damped Gauss–Newton step on the trainable entries, zero elsewhere."""
-  gradient, gauss_newton = reference.dense_gauss_newton(params, outputs_fn, loss_of_outputs)
+  gradient, gauss_newton = reference.dense_gauss_newton(
+    params, outputs_fn, loss_of_outputs
+  )
   free = ~ravel_pytree(_frozen(mask, params))[0].astype(bool)
   step = reference.damped_gauss_newton_step(
-      gradient[free], gauss_newton[np.ix_(free, free)], damping, relative)
+    gradient[free], gauss_newton[np.ix_(free, free)], damping, relative
+  )
   return np.asarray(jnp.zeros(gradient.size).at[free].set(step)), int(free.sum())
 
 
 @pytest.mark.parametrize("model", ["mlp", "rnn"])
 @pytest.mark.parametrize("relative", [True, False])
 @pytest.mark.parametrize("traced_mask", [False, True])
-def test_masked_step_equals_restricted_damped_gauss_newton(x64, model, relative, traced_mask):
+def test_masked_step_equals_restricted_damped_gauss_newton(
+  x64, model, relative, traced_mask
+):
   params, mask, outputs_fn, loss_fn, loss_of_outputs = _restricted_problem(model, 5)
   damping = 1e-3
   expected, num_free = _restricted_step(
-      params, mask, outputs_fn, loss_of_outputs, damping, relative)
+    params, mask, outputs_fn, loss_of_outputs, damping, relative
+  )
   # A mask computed from the params inside jit is traced (leaf-level bools
   # become traced all-True or all-False arrays); both must give the same step.
   traced = lambda p: jax.tree.map(lambda m, x: jnp.logical_and(m, x == x), mask, p)
   as_given = traced if traced_mask else mask
-  opt = sofo_jax.sofo(1.0, num_free, damping, key=jax.random.key(3), adaptive=False,
-                      tangent_distribution="orthonormal", relative_damping=relative,
-                      mask=as_given)
+  opt = sofo_jax.sofo(
+    1.0,
+    num_free,
+    damping,
+    key=jax.random.key(3),
+    adaptive=False,
+    tangent_distribution="orthonormal",
+    relative_damping=relative,
+    mask=as_given,
+  )
   updates, _ = jax.jit(lambda p, s: opt.update(None, s, p, loss_fn=loss_fn))(
-      params, opt.init(params))
+    params, opt.init(params)
+  )
   flat = ravel_pytree(updates)[0]
   assert jnp.max(jnp.abs(flat + expected)) <= 1e-8 * np.max(np.abs(expected))
 
@@ -214,11 +256,21 @@ def test_adaptive_masked_step_on_a_quadratic_equals_restricted_gauss_newton(x64)
   mask = {"w": rng.random((4, 2)) < 0.5, "b": np.array([False, True])}
   outputs_fn = lambda p: x @ p["w"] + p["b"]
   loss_of_outputs = lambda out: jnp.mean(jnp.sum((out - y) ** 2, -1))
-  expected, num_free = _restricted_step(params, mask, outputs_fn, loss_of_outputs, 1e-3, True)
-  opt = sofo_jax.sofo(1.0, num_free, 1e-3, key=jax.random.key(2), momentum=False,
-                      tangent_distribution="orthonormal", mask=mask)
-  updates, state = opt.update(None, opt.init(params), params,
-                              loss_fn=lambda p: losses.mse(outputs_fn(p), y))
+  expected, num_free = _restricted_step(
+    params, mask, outputs_fn, loss_of_outputs, 1e-3, True
+  )
+  opt = sofo_jax.sofo(
+    1.0,
+    num_free,
+    1e-3,
+    key=jax.random.key(2),
+    momentum=False,
+    tangent_distribution="orthonormal",
+    mask=mask,
+  )
+  updates, state = opt.update(
+    None, opt.init(params), params, loss_fn=lambda p: losses.mse(outputs_fn(p), y)
+  )
   assert not sofo_jax.get_diagnostics(state).step_rejected
   flat = ravel_pytree(updates)[0]
   assert jnp.max(jnp.abs(flat + expected)) <= 1e-8 * np.max(np.abs(expected))
@@ -230,18 +282,33 @@ def test_adaptive_masked_step_on_a_quadratic_equals_restricted_gauss_newton(x64)
 PARAMS = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
 
 
-@pytest.mark.parametrize("mask, match", [
-    ({"w": np.ones((3, 2)), "b": True},
-     r"mask\['w'\] must have dtype bool \(True = trainable entry\); got float64"),
-    ({"w": np.ones((2, 3), bool), "b": True},
-     r"mask\['w'\] has shape \(2, 3\), but the parameter it masks has shape \(3, 2\)"),
+@pytest.mark.parametrize(
+  "mask, match",
+  [
+    (
+      {"w": np.ones((3, 2)), "b": True},
+      r"mask\['w'\] must have dtype bool \(True = trainable entry\); got float64",
+    ),
+    (
+      {"w": np.ones((2, 3), bool), "b": True},
+      r"mask\['w'\] has shape \(2, 3\), but the parameter it masks has shape \(3, 2\)",
+    ),
     ({"w": True, "b": np.ones((1, 2), bool)}, r"mask\['b'\] has shape \(1, 2\)"),
-    (np.ones((3, 2), bool), r"mask is an array, so it must stand for a single parameter leaf"),
-], ids=["float_dtype", "transposed", "extra_axis", "array_for_a_subtree"])
-@pytest.mark.parametrize("factory", [
+    (
+      np.ones((3, 2), bool),
+      r"mask is an array, so it must stand for a single parameter leaf",
+    ),
+  ],
+  ids=["float_dtype", "transposed", "extra_axis", "array_for_a_subtree"],
+)
+@pytest.mark.parametrize(
+  "factory",
+  [
     lambda mask: sofo_jax.sofo(1.0, 2, key=jax.random.key(0), mask=mask),
     lambda mask: sofo_jax.forward_gradient(0.1, 2, key=jax.random.key(0), mask=mask),
-], ids=["sofo", "forward_gradient"])
+  ],
+  ids=["sofo", "forward_gradient"],
+)
 def test_bad_entry_masks_raise_clear_errors(factory, mask, match):
   with pytest.raises(ValueError, match=match):
     factory(mask).init(PARAMS)
@@ -250,8 +317,9 @@ def test_bad_entry_masks_raise_clear_errors(factory, mask, match):
 
 
 def test_traced_entry_mask_of_the_wrong_shape_fails_at_trace_time():
-  opt = sofo_jax.sofo(1.0, 2, key=jax.random.key(0),
-                      mask=lambda p: {"w": p["w"][:2] > 0, "b": True})
+  opt = sofo_jax.sofo(
+    1.0, 2, key=jax.random.key(0), mask=lambda p: {"w": p["w"][:2] > 0, "b": True}
+  )
   with pytest.raises(ValueError, match=r"mask\['w'\] has shape \(2, 2\)"):
     jax.jit(opt.init)(PARAMS)  # the mask is a tracer here
 
@@ -271,11 +339,13 @@ def _ei_data(seed=0):
 
 def _ei_loss(w_rec, params, xs, targets):
   """A leaky ReLU-rate network: Δh = 0.2 (−h + relu(W h + U x)); W[i, j] from j to i."""
+
   def step(carry, inputs):
     h, total = carry
     x, target = inputs
     h = 0.8 * h + 0.2 * jax.nn.relu(h @ w_rec.T + x @ params["w_in"].T)
     return (h, total + losses.mse(h @ params["w_out"].T, target)), None
+
   h0 = jnp.zeros((xs.shape[1], N_EI))
   (_, total), _ = jax.lax.scan(step, (h0, losses.zero()), (xs, targets))
   return total / xs.shape[0]
@@ -291,9 +361,11 @@ def test_dale_by_parametrisation_with_sparse_connectivity():
   rng, xs, targets = _ei_data()
   connectivity = rng.random((N_EI, N_EI)) < 0.5
   params = {
-      "w_tilde": np.where(connectivity, rng.normal(size=(N_EI, N_EI)) / N_EI, 0.0).astype(np.float32),
-      "w_in": rng.normal(size=(N_EI, 2)).astype(np.float32),
-      "w_out": (rng.normal(size=(2, N_EI)) / np.sqrt(N_EI)).astype(np.float32),
+    "w_tilde": np.where(connectivity, rng.normal(size=(N_EI, N_EI)) / N_EI, 0.0).astype(
+      np.float32
+    ),
+    "w_in": rng.normal(size=(N_EI, 2)).astype(np.float32),
+    "w_out": (rng.normal(size=(2, N_EI)) / np.sqrt(N_EI)).astype(np.float32),
   }
   effective = lambda p: jnp.abs(p["w_tilde"]) * SIGNS[None, :]
   loss_fn = lambda p: _ei_loss(effective(p), p, xs, targets)
@@ -321,21 +393,25 @@ def test_dale_and_bounds_by_projection_after_the_step():
   """W = M D with M >= 0 kept by optax.projections after each step; a leak kept in a box."""
   rng, xs, targets = _ei_data(1)
   params = {
-      "magnitude": (0.05 * np.abs(rng.normal(size=(N_EI, N_EI)))).astype(np.float32),
-      "w_in": rng.normal(size=(N_EI, 2)).astype(np.float32),
-      "w_out": (rng.normal(size=(2, N_EI)) / np.sqrt(N_EI)).astype(np.float32),
-      "leak": np.float32(0.2),
+    "magnitude": (0.05 * np.abs(rng.normal(size=(N_EI, N_EI)))).astype(np.float32),
+    "w_in": rng.normal(size=(N_EI, 2)).astype(np.float32),
+    "w_out": (rng.normal(size=(2, N_EI)) / np.sqrt(N_EI)).astype(np.float32),
+    "leak": np.float32(0.2),
   }
   lower, upper = 0.05, 0.25
 
   def loss_fn(p):
     w_rec = p["magnitude"] * SIGNS[None, :]
+
     def step(carry, inputs):
       h, total = carry
       x, target = inputs
       h = h + p["leak"] * (-h + jax.nn.relu(h @ w_rec.T + x @ p["w_in"].T))
       return (h, total + losses.mse(h @ p["w_out"].T, target)), None
-    (_, total), _ = jax.lax.scan(step, (jnp.zeros((B_EI, N_EI)), losses.zero()), (xs, targets))
+
+    (_, total), _ = jax.lax.scan(
+      step, (jnp.zeros((B_EI, N_EI)), losses.zero()), (xs, targets)
+    )
     return total / T_EI
 
   opt = sofo_jax.sofo(1.0, 8, key=jax.random.key(1))

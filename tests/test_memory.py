@@ -6,12 +6,11 @@ which is deterministic and needs no device.
 
 import jax
 import jax.numpy as jnp
+import models
 import numpy as np
 import optax
 
 import sofo_jax
-
-import models
 
 N_IN, N_HIDDEN, N_OUT, BATCH, K = 2, 32, 2, 8, 8
 
@@ -24,7 +23,9 @@ def _inputs(horizon):
 
 def _params():
   rng = np.random.default_rng(0)
-  return jax.tree.map(jnp.asarray, models.rnn_params(rng, N_IN, N_HIDDEN, N_OUT, np.float32))
+  return jax.tree.map(
+    jnp.asarray, models.rnn_params(rng, N_IN, N_HIDDEN, N_OUT, np.float32)
+  )
 
 
 def _temp_bytes(fn, *args):
@@ -38,7 +39,7 @@ def sofo_step_memory(horizon):
 
   def step(params, state, xs, ys):
     updates, state = opt.update(
-        None, state, params, loss_fn=lambda p: models.rnn_scan_loss(p, xs, ys)
+      None, state, params, loss_fn=lambda p: models.rnn_scan_loss(p, xs, ys)
     )
     return optax.apply_updates(params, updates), state
 

@@ -56,9 +56,14 @@ def outputs(tmp_path_factory):
   try:
     for i, (out, err) in enumerate(logs):
       with open(out, "w") as stdout, open(err, "w") as stderr:
-        processes.append(subprocess.Popen(
+        processes.append(
+          subprocess.Popen(
             [sys.executable, SCRIPT, str(i), str(port), str(directory / "checkpoints")],
-            env=env, stdout=stdout, stderr=stderr))
+            env=env,
+            stdout=stdout,
+            stderr=stderr,
+          )
+        )
     # If one process fails, the other would wait for it in a barrier: stop both.
     deadline = time.monotonic() + TIMEOUT_S
     while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
@@ -69,10 +74,12 @@ def outputs(tmp_path_factory):
     for process in processes:
       process.kill()
       process.wait()
-  for i, (process, (out, err)) in enumerate(zip(processes, logs)):
+  for i, (process, (_, err)) in enumerate(zip(processes, logs)):
     if process.returncode:
-      pytest.fail(f"process {i} failed or timed out after {TIMEOUT_S} s (exit "
-                  f"{process.returncode}):\n{err.read_text()[-6000:]}")
+      pytest.fail(
+        f"process {i} failed or timed out after {TIMEOUT_S} s (exit "
+        f"{process.returncode}):\n{err.read_text()[-6000:]}"
+      )
   return [json.loads(out.read_text().strip().splitlines()[-1]) for out, _ in logs]
 
 
@@ -87,10 +94,16 @@ def test_data_parallel_steps_across_two_processes_equal_one_process(outputs, x64
   for two_process_params in outputs[0]["trajectory"]:
     params, state = step(params, state, xs, ys)
     # JSON nests lists; the innermost lists of numbers are the arrays.
-    got = jax.tree.map(np.asarray, two_process_params, is_leaf=lambda x: (
-        isinstance(x, list) and bool(x) and not isinstance(x[0], dict)))
-    jax.tree.map(lambda want, got: np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12),
-                 params, got)
+    got = jax.tree.map(
+      np.asarray,
+      two_process_params,
+      is_leaf=lambda x: isinstance(x, list) and bool(x) and not isinstance(x[0], dict),
+    )
+    jax.tree.map(
+      lambda want, got: np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12),
+      params,
+      got,
+    )
   moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), initial, params)
   assert min(jax.tree.leaves(moved)) > 1e-3, moved  # the steps did something
 

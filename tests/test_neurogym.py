@@ -19,30 +19,33 @@ from sofo_jax import training
 
 HAS_NEUROGYM = importlib.util.find_spec("neurogym") is not None
 needs_neurogym = pytest.mark.skipif(
-    not HAS_NEUROGYM, reason='needs neurogym: pip install "sofo_jax[neurogym]"')
+  not HAS_NEUROGYM, reason='needs neurogym: pip install "sofo_jax[neurogym]"'
+)
 
 # (environment, number of inputs, number of actions)
 # ContextDecisionMaking-v0 has trials of random length.
-ENVS = (("PerceptualDecisionMaking-v0", 3, 3), ("DelayComparison-v0", 2, 3),
-        ("ContextDecisionMaking-v0", 5, 3))
+ENVS = (
+  ("PerceptualDecisionMaking-v0", 3, 3),
+  ("DelayComparison-v0", 2, 3),
+  ("ContextDecisionMaking-v0", 5, 3),
+)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _task(env):
   from sofo_jax.tasks import neurogym  # pylint: disable=g-import-not-at-top
+
   return neurogym.make(neurogym.Config.quick(env))
 
 
 @needs_neurogym
-@pytest.mark.parametrize("env,num_inputs,num_actions", ENVS,
-                         ids=[e[0] for e in ENVS])
-def test_batches_are_time_major_with_integer_labels(env, num_inputs,
-                                                    num_actions):
+@pytest.mark.parametrize("env,num_inputs,num_actions", ENVS, ids=[e[0] for e in ENVS])
+def test_batches_are_time_major_with_integer_labels(env, num_inputs, num_actions):
   task = _task(env)
   config = task.config
   batch = jax.jit(task.sample_batch)(jax.random.key(0))
   shape = (config.seq_len, config.batch_size)
-  assert batch["inputs"].shape == shape + (num_inputs,)
+  assert batch["inputs"].shape == (*shape, num_inputs)
   assert batch["inputs"].dtype == np.float32
   assert batch["labels"].shape == shape
   assert batch["labels"].dtype == np.int32
@@ -65,6 +68,7 @@ def test_batches_are_time_major_with_integer_labels(env, num_inputs,
 @needs_neurogym
 def test_the_same_seed_gives_the_same_data():
   from sofo_jax.tasks import neurogym  # pylint: disable=g-import-not-at-top
+
   config = neurogym.Config.quick()
   first, second = neurogym.generate(config), neurogym.generate(config)
   other = neurogym.generate(dataclasses.replace(config, seed=1))
@@ -77,39 +81,43 @@ def test_the_same_seed_gives_the_same_data():
   task = _task(config.env)
   key = jax.random.key(3)
   batch = task.sample_batch(key)
-  np.testing.assert_array_equal(batch["labels"],
-                                task.sample_batch(key)["labels"])
-  matches = [i for i in range(config.num_batches)
-             if np.array_equal(batch["inputs"], first["inputs"][i])
-             and np.array_equal(batch["labels"], first["labels"][i])]
+  np.testing.assert_array_equal(batch["labels"], task.sample_batch(key)["labels"])
+  matches = [
+    i
+    for i in range(config.num_batches)
+    if np.array_equal(batch["inputs"], first["inputs"][i])
+    and np.array_equal(batch["labels"], first["labels"][i])
+  ]
   assert len(matches) == 1
 
 
 @needs_neurogym
 def test_fit_with_sofo_lowers_the_loss():
   task = _task("PerceptualDecisionMaking-v0")
-  history = training.fit(task, "sofo", 10, key=jax.random.key(0),
-                         progress=False)
+  history = training.fit(task, "sofo", 10, key=jax.random.key(0), progress=False)
   assert np.all(np.isfinite(history.losses))
   assert np.mean(history.losses[-3:]) < 0.8 * history.losses[0]
 
 
 @needs_neurogym
-@pytest.mark.parametrize("change,match", [
+@pytest.mark.parametrize(
+  "change,match",
+  [
     (dict(tau=50.0), "leak"),
     (dict(num_batches=0), "num_batches"),
     (dict(seq_len=2.5), "seq_len"),
-])
+  ],
+)
 def test_invalid_settings_raise(change, match):
   from sofo_jax.tasks import neurogym  # pylint: disable=g-import-not-at-top
+
   config = dataclasses.replace(neurogym.Config.quick(), **change)
   with pytest.raises(ValueError, match=match):
     neurogym.make(config)
 
 
 @pytest.mark.parametrize("missing", ["neurogym", "torch"])
-def test_missing_neurogym_says_how_to_install_it(missing, monkeypatch,
-                                                 tmp_path):
+def test_missing_neurogym_says_how_to_install_it(missing, monkeypatch, tmp_path):
   monkeypatch.delitem(sys.modules, "sofo_jax.tasks.neurogym", raising=False)
   if missing == "neurogym":
     monkeypatch.setitem(sys.modules, "neurogym", None)  # import fails
@@ -120,15 +128,17 @@ def test_missing_neurogym_says_how_to_install_it(missing, monkeypatch,
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "neurogym", raising=False)
     monkeypatch.setitem(sys.modules, "torch", None)
-  with pytest.raises(ImportError,
-                     match=r'pip install "sofo_jax\[neurogym\]"') as info:
+  with pytest.raises(ImportError, match=r'pip install "sofo_jax\[neurogym\]"') as info:
     importlib.import_module("sofo_jax.tasks.neurogym")
   assert ("torch" in str(info.value)) == (missing == "torch")
 
 
 def test_importing_sofo_jax_does_not_import_neurogym():
-  code = ("import sys, sofo_jax, sofo_jax.tasks, sofo_jax.training; "
-          "print(sorted({'neurogym', 'gymnasium'} & set(sys.modules)))")
-  result = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                          text=True, check=True)
+  code = (
+    "import sys, sofo_jax, sofo_jax.tasks, sofo_jax.training; "
+    "print(sorted({'neurogym', 'gymnasium'} & set(sys.modules)))"
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, check=True
+  )
   assert result.stdout.strip() == "[]"

@@ -34,16 +34,21 @@ def good_loss(p, x=X, y=Y):
 
 
 OPTIMIZERS = {
-    "sofo": lambda **kw: sofo_jax.sofo(1.0, 4, 1e-4, key=jax.random.key(0), **kw),
-    "forward_gradient": lambda **kw: sofo_jax.forward_gradient(0.05, 4, key=jax.random.key(0), **kw),
+  "sofo": lambda **kw: sofo_jax.sofo(1.0, 4, 1e-4, key=jax.random.key(0), **kw),
+  "forward_gradient": lambda **kw: sofo_jax.forward_gradient(
+    0.05, 4, key=jax.random.key(0), **kw
+  ),
 }
 
 
 def train_step(opt):
   @jax.jit
   def step(params, state, x, y):
-    updates, state = opt.update(None, state, params, loss_fn=lambda p: good_loss(p, x, y))
+    updates, state = opt.update(
+      None, state, params, loss_fn=lambda p: good_loss(p, x, y)
+    )
     return optax.apply_updates(params, updates), state, updates
+
   return step
 
 
@@ -55,9 +60,9 @@ def assert_all_finite(tree):
 def assert_skipped(opt, loss_fn, params=PARAMS):
   """One update with ``loss_fn``: zero update, unchanged params, reported."""
   state = opt.init(params)
-  updates, state = jax.jit(
-      lambda p, s: opt.update(None, s, p, loss_fn=loss_fn)
-  )(params, state)
+  updates, state = jax.jit(lambda p, s: opt.update(None, s, p, loss_fn=loss_fn))(
+    params, state
+  )
   for u in jax.tree.leaves(updates):
     np.testing.assert_array_equal(u, 0.0)
   new_params = optax.apply_updates(params, updates)
@@ -73,18 +78,19 @@ def assert_skipped(opt, loss_fn, params=PARAMS):
 # What goes wrong, and where ----------------------------------------------------
 
 BAD_LOSSES = {
-    # NaN in the data reaches the loss value.
-    "nan_targets": lambda p: good_loss(p, y=Y.at[3].set(jnp.nan)),
-    # A model that overflows on some inputs: inf outputs, inf loss.
-    "inf_outputs": lambda p: losses.mse(jnp.exp(1e3 * X[:, :1]) * linear(p, X), Y),
-    # inf - inf inside the model: NaN outputs.
-    "nan_outputs": lambda p: losses.mse(linear(p, X) + (jnp.inf - jnp.inf), Y),
-    # Finite loss, infinite derivative: sqrt at 0 (the sketched gradient).
-    "infinite_gradient": lambda p: losses.mse(jnp.sqrt(jnp.abs(linear(p, X))), Y),
-    # Finite loss and gradient, infinite output-space curvature (the sketched
-    # Gauss–Newton matrix): |y|^1.5 at y = 0.
-    "infinite_curvature": lambda p: losses.custom(
-        linear(p, X), lambda y: jnp.sum(jnp.abs(y) ** 1.5)),
+  # NaN in the data reaches the loss value.
+  "nan_targets": lambda p: good_loss(p, y=Y.at[3].set(jnp.nan)),
+  # A model that overflows on some inputs: inf outputs, inf loss.
+  "inf_outputs": lambda p: losses.mse(jnp.exp(1e3 * X[:, :1]) * linear(p, X), Y),
+  # inf - inf inside the model: NaN outputs.
+  "nan_outputs": lambda p: losses.mse(linear(p, X) + (jnp.inf - jnp.inf), Y),
+  # Finite loss, infinite derivative: sqrt at 0 (the sketched gradient).
+  "infinite_gradient": lambda p: losses.mse(jnp.sqrt(jnp.abs(linear(p, X))), Y),
+  # Finite loss and gradient, infinite output-space curvature (the sketched
+  # Gauss–Newton matrix): |y|^1.5 at y = 0.
+  "infinite_curvature": lambda p: losses.custom(
+    linear(p, X), lambda y: jnp.sum(jnp.abs(y) ** 1.5)
+  ),
 }
 
 
@@ -118,7 +124,7 @@ def test_bad_batches_are_skipped_inside_a_scan_and_training_goes_on(name):
     return (params, state), (diagnostics.step_is_finite, diagnostics.loss)
 
   (params, state), (finite, loss) = jax.lax.scan(
-      body, (PARAMS, opt.init(PARAMS)), jnp.asarray(ys)
+    body, (PARAMS, opt.init(PARAMS)), jnp.asarray(ys)
   )
   assert_all_finite(params)
   np.testing.assert_array_equal(finite, ~bad)
@@ -145,9 +151,13 @@ def test_float16_overflow_is_skipped(name):
   """A finite float32 step that overflows when cast to a float16 leaf."""
   params = {"w": jnp.ones((3,), jnp.float16)}
   loss_fn = lambda p: losses.custom(
-      p["w"].astype(jnp.float32), lambda w: 1e5 * jnp.sum(w) + 1e-6 * jnp.sum(w**2))
-  opt = (sofo_jax.sofo(1.0, 2, 0.0, key=jax.random.key(0), adaptive=False)
-         if name.startswith("sofo") else OPTIMIZERS[name]())
+    p["w"].astype(jnp.float32), lambda w: 1e5 * jnp.sum(w) + 1e-6 * jnp.sum(w**2)
+  )
+  opt = (
+    sofo_jax.sofo(1.0, 2, 0.0, key=jax.random.key(0), adaptive=False)
+    if name.startswith("sofo")
+    else OPTIMIZERS[name]()
+  )
   assert_skipped(opt, loss_fn, params)
 
 
@@ -155,11 +165,16 @@ def test_float16_overflow_is_rejected_by_step_control():
   """With step control the overflowing trials have non-finite losses: rejected."""
   params = {"w": jnp.ones((3,), jnp.float16)}
   loss_fn = lambda p: losses.custom(
-      p["w"].astype(jnp.float32), lambda w: 1e5 * jnp.sum(w) + 1e-6 * jnp.sum(w**2))
+    p["w"].astype(jnp.float32), lambda w: 1e5 * jnp.sum(w) + 1e-6 * jnp.sum(w**2)
+  )
   opt = sofo_jax.sofo(1.0, 2, 0.0, key=jax.random.key(0))
   state = opt.init(params)
-  updates, state = jax.jit(lambda p, s: opt.update(None, s, p, loss_fn=loss_fn))(params, state)
-  jax.tree.map(np.testing.assert_array_equal, optax.apply_updates(params, updates), params)
+  updates, state = jax.jit(lambda p, s: opt.update(None, s, p, loss_fn=loss_fn))(
+    params, state
+  )
+  jax.tree.map(
+    np.testing.assert_array_equal, optax.apply_updates(params, updates), params
+  )
   diagnostics = sofo_jax.get_diagnostics(state)
   assert bool(diagnostics.step_rejected)
   assert int(diagnostics.num_rejected_steps) == 1
@@ -174,7 +189,7 @@ def test_zero_gradient_gives_an_exact_zero_step(name):
   """At an exact minimum the sketch is zero: the step is zero, not NaN."""
   params = {"w": W_TRUE, "b": jnp.zeros((1,))}
   opt = OPTIMIZERS[name]()
-  new_params, state, updates = train_step(opt)(params, opt.init(params), X, Y)
+  _new_params, state, updates = train_step(opt)(params, opt.init(params), X, Y)
   for u in jax.tree.leaves(updates):
     np.testing.assert_array_equal(u, 0.0)
   diagnostics = sofo_jax.get_diagnostics(state)
@@ -188,8 +203,9 @@ def test_all_zero_sketch_with_zero_damping(relative):
   opt = sofo_jax.sofo(1.0, 3, 0.0, key=jax.random.key(0), relative_damping=relative)
   loss_fn = lambda p: losses.mse(Y, jnp.zeros_like(Y))
   state = opt.init(PARAMS)
-  updates, state = jax.jit(
-      lambda s: opt.update(None, s, PARAMS, loss_fn=loss_fn))(state)
+  updates, state = jax.jit(lambda s: opt.update(None, s, PARAMS, loss_fn=loss_fn))(
+    state
+  )
   for u in jax.tree.leaves(updates):
     np.testing.assert_array_equal(u, 0.0)
   diagnostics = sofo_jax.get_diagnostics(state)
@@ -203,8 +219,14 @@ def test_k_above_p_without_damping_is_the_exact_gauss_newton_step(num_tangents):
   """K >= P orthonormal tangents form a frame: Θ(ΘᵀGΘ)⁺Θᵀ = G⁺, so one step
   with no damping solves linear least squares, even with K > P (a
   rank-deficient K×K sketch)."""
-  opt = sofo_jax.sofo(1.0, num_tangents, 0.0, key=jax.random.key(1),
-                      tangent_distribution="orthonormal", momentum=False)
+  opt = sofo_jax.sofo(
+    1.0,
+    num_tangents,
+    0.0,
+    key=jax.random.key(1),
+    tangent_distribution="orthonormal",
+    momentum=False,
+  )
   new_params, state, _ = train_step(opt)(PARAMS, opt.init(PARAMS), X, Y)
   np.testing.assert_allclose(new_params["w"], W_TRUE, atol=1e-4)
   np.testing.assert_allclose(new_params["b"], 0.0, atol=1e-4)
@@ -228,8 +250,9 @@ def test_outputs_independent_of_some_params_with_tiny_damping(distribution, damp
   design = np.concatenate([np.asarray(X), np.ones((len(X), 1))], 1)
   residual = np.linalg.lstsq(design, np.asarray(y), rcond=None)[1][0]
   best = residual / len(X)
-  opt = sofo_jax.sofo(1.0, 8, damping, key=jax.random.key(2),
-                      tangent_distribution=distribution)
+  opt = sofo_jax.sofo(
+    1.0, 8, damping, key=jax.random.key(2), tangent_distribution=distribution
+  )
   step = train_step(opt)
   state = opt.init(params)
   for i in range(30):
@@ -270,10 +293,15 @@ def test_bad_concrete_damping_is_rejected_eagerly(damping):
 def test_bad_injected_damping_skips_the_step(damping):
   """A traced damping (inject_hyperparams) cannot be checked eagerly."""
   opt = optax.inject_hyperparams(sofo_jax.sofo, static_args=("num_tangents", "key"))(
-      learning_rate=1.0, num_tangents=3, damping=1e-3, key=jax.random.key(0), adaptive=False)
+    learning_rate=1.0,
+    num_tangents=3,
+    damping=1e-3,
+    key=jax.random.key(0),
+    adaptive=False,
+  )
   state = opt.init(PARAMS)
   state.hyperparams["damping"] = jnp.asarray(damping)
-  new_params, state, updates = train_step(opt)(PARAMS, state, X, Y)
+  new_params, state, _updates = train_step(opt)(PARAMS, state, X, Y)
   jax.tree.map(np.testing.assert_array_equal, new_params, PARAMS)
   assert not bool(sofo_jax.get_diagnostics(state).step_is_finite)
 
@@ -331,12 +359,13 @@ def test_apply_if_finite_after_sofo_in_a_chain_never_sees_nan():
   """Placed after SOFO, apply_if_finite inspects SOFO's direction, which SOFO
   has already zeroed: it never triggers, and params stay finite."""
   opt = optax.chain(
-      sofo_jax.scale_by_sofo(4, key=jax.random.key(0)),
-      optax.apply_if_finite(optax.scale_by_learning_rate(1.0), 2),
+    sofo_jax.scale_by_sofo(4, key=jax.random.key(0)),
+    optax.apply_if_finite(optax.scale_by_learning_rate(1.0), 2),
   )
   state = opt.init(PARAMS)
   updates, state = jax.jit(
-      lambda s: opt.update(None, s, PARAMS, loss_fn=BAD_LOSSES["nan_targets"]))(state)
+    lambda s: opt.update(None, s, PARAMS, loss_fn=BAD_LOSSES["nan_targets"])
+  )(state)
   for u in jax.tree.leaves(updates):
     np.testing.assert_array_equal(u, 0.0)
   assert int(state[1].total_notfinite) == 0
@@ -347,11 +376,13 @@ def test_apply_if_finite_after_sofo_in_a_chain_never_sees_nan():
 
 BAD_RATES = (jnp.nan, jnp.inf, -jnp.inf, -1.0)
 RATE_OPTIMIZERS = {
-    "sofo": lambda learning_rate: sofo_jax.sofo(learning_rate, 4, key=jax.random.key(0)),
-    "sofo_paper": lambda learning_rate: sofo_jax.sofo(
-        learning_rate, 4, key=jax.random.key(0), adaptive=False),
-    "forward_gradient": lambda learning_rate: sofo_jax.forward_gradient(
-        learning_rate, 4, key=jax.random.key(0)),
+  "sofo": lambda learning_rate: sofo_jax.sofo(learning_rate, 4, key=jax.random.key(0)),
+  "sofo_paper": lambda learning_rate: sofo_jax.sofo(
+    learning_rate, 4, key=jax.random.key(0), adaptive=False
+  ),
+  "forward_gradient": lambda learning_rate: sofo_jax.forward_gradient(
+    learning_rate, 4, key=jax.random.key(0)
+  ),
 }
 
 
@@ -368,7 +399,9 @@ def test_unusable_injected_learning_rate_gives_a_zero_step_and_a_flag(name, rate
   """Through inject_hyperparams the rate is traced: the step is exactly zero
   (not 0 × inf = NaN), step_is_finite is False, and a good rate afterwards
   trains again."""
-  opt = optax.inject_hyperparams(RATE_OPTIMIZERS[name], static_args=())(learning_rate=0.5)
+  opt = optax.inject_hyperparams(RATE_OPTIMIZERS[name], static_args=())(
+    learning_rate=0.5
+  )
   state = opt.init(PARAMS)
 
   @jax.jit
@@ -380,7 +413,9 @@ def test_unusable_injected_learning_rate_gives_a_zero_step_and_a_flag(name, rate
   params, state = step(PARAMS, state)
   jax.tree.map(np.testing.assert_array_equal, params, PARAMS)
   assert not bool(sofo_jax.get_diagnostics(state).step_is_finite)
-  state.hyperparams["learning_rate"] = jnp.asarray(0.1 if name == "forward_gradient" else 0.5)
+  state.hyperparams["learning_rate"] = jnp.asarray(
+    0.1 if name == "forward_gradient" else 0.5
+  )
   params, state = step(params, state)
   assert bool(sofo_jax.get_diagnostics(state).step_is_finite)
   assert float(good_loss(params).value) < float(good_loss(PARAMS).value)

@@ -40,22 +40,25 @@ def _kernel_manager(directory: pathlib.Path, sockets: str) -> KernelManager:
   spec_dir.mkdir(parents=True)
   xla_flags = os.environ.get("XLA_FLAGS", "")
   spec = {
-      "argv": [sys.executable, "-m", "ipykernel_launcher", "-f",
-               "{connection_file}"],
-      "display_name": "sofo_jax notebook test",
-      "language": "python",
-      "env": {
-          "SOFO_QUICK": "1",
-          "XLA_FLAGS": f"{xla_flags} --xla_backend_optimization_level=0".strip(),
-          "MPLBACKEND": "module://matplotlib_inline.backend_inline",
-      },
+    "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+    "display_name": "sofo_jax notebook test",
+    "language": "python",
+    "env": {
+      "SOFO_QUICK": "1",
+      "XLA_FLAGS": f"{xla_flags} --xla_backend_optimization_level=0".strip(),
+      "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+    },
   }
   (spec_dir / "kernel.json").write_text(json.dumps(spec))
   specs = KernelSpecManager(kernel_dirs=[str(directory / "kernels")])
   # Kernel messages go through Unix-domain sockets: no TCP port is opened,
   # not even on the loopback interface. (Socket paths must stay short.)
-  return KernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=specs,
-                       transport="ipc", ip=os.path.join(sockets, "kernel"))
+  return KernelManager(
+    kernel_name=KERNEL_NAME,
+    kernel_spec_manager=specs,
+    transport="ipc",
+    ip=os.path.join(sockets, "kernel"),
+  )
 
 
 def test_there_are_notebooks():
@@ -77,10 +80,10 @@ def test_notebook_runs(path, tmp_path, record_property, capsys):
   notebook = nbformat.read(path, as_version=4)
   with tempfile.TemporaryDirectory(prefix="nb") as sockets:
     client = nbclient.NotebookClient(
-        notebook,
-        km=_kernel_manager(tmp_path, sockets),
-        timeout=CELL_TIMEOUT_S,
-        resources={"metadata": {"path": str(NOTEBOOK_DIR)}},
+      notebook,
+      km=_kernel_manager(tmp_path, sockets),
+      timeout=CELL_TIMEOUT_S,
+      resources={"metadata": {"path": str(NOTEBOOK_DIR)}},
     )
     start = time.perf_counter()
     client.execute()
@@ -90,8 +93,9 @@ def test_notebook_runs(path, tmp_path, record_property, capsys):
     print(f" [{path.name} ran in {seconds:.1f} s, quick mode]", end=" ")
 
   images = sum(
-      "image/png" in output.get("data", {})
-      for cell in notebook.cells if cell.cell_type == "code"
-      for output in cell.outputs
+    "image/png" in output.get("data", {})
+    for cell in notebook.cells
+    if cell.cell_type == "code"
+    for output in cell.outputs
   )
   assert images >= 2, f"{path.name} showed {images} figures"

@@ -41,8 +41,10 @@ def _build_unavailable():
   # Without isolation the backend is this environment's setuptools; before
   # 70.1 it needs the separate `wheel` package to write a wheel.
   if setuptools_version < Version("70.1") and not has_wheel:
-    return (f"setuptools {setuptools_version} cannot write wheels without the `wheel` "
-            'package: pip install -e ".[test]"')
+    return (
+      f"setuptools {setuptools_version} cannot write wheels without the `wheel` "
+      'package: pip install -e ".[test]"'
+    )
   return None
 
 
@@ -52,9 +54,12 @@ needs_build = pytest.mark.skipif(_WHY_NO_BUILD is not None, reason=str(_WHY_NO_B
 
 def test_license_is_the_declared_apache_2():
   text = (ROOT / "LICENSE").read_text()
-  for phrase in ("Apache License", "Version 2.0, January 2004",
-                 "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION",
-                 "END OF TERMS AND CONDITIONS"):
+  for phrase in (
+    "Apache License",
+    "Version 2.0, January 2004",
+    "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION",
+    "END OF TERMS AND CONDITIONS",
+  ):
     assert phrase in text, phrase
   declared = PYPROJECT["project"]["license"]
   assert declared in ("Apache-2.0", {"text": "Apache-2.0"})
@@ -77,16 +82,22 @@ def test_version_has_one_source():
   assert dynamic == {"attr": "sofo_jax.__version__"}
   # setuptools reads the attribute without importing the package (and so
   # jax) only when it is a plain string literal at module level.
-  assignments = [node for node in ast.parse(INIT.read_text()).body
-                 if isinstance(node, ast.Assign)
-                 and any(getattr(target, "id", None) == "__version__" for target in node.targets)]
+  assignments = [
+    node
+    for node in ast.parse(INIT.read_text()).body
+    if isinstance(node, ast.Assign)
+    and any(getattr(target, "id", None) == "__version__" for target in node.targets)
+  ]
   assert len(assignments) == 1
   value = assignments[0].value
   assert isinstance(value, ast.Constant) and isinstance(value.value, str)
   assert value.value == sofo_jax.__version__
   Version(sofo_jax.__version__)  # a valid PEP 440 version, or InvalidVersion
-  elsewhere = [path for path in (ROOT / "sofo_jax").rglob("*.py")
-               if path != INIT and "__version__ =" in path.read_text()]
+  elsewhere = [
+    path
+    for path in (ROOT / "sofo_jax").rglob("*.py")
+    if path != INIT and "__version__ =" in path.read_text()
+  ]
   assert not elsewhere, elsewhere
 
 
@@ -101,20 +112,38 @@ def wheel(tmp_path_factory):
   source.mkdir()
   for name in ("pyproject.toml", "README.md", "LICENSE"):
     shutil.copy2(ROOT / name, source / name)
-  shutil.copytree(ROOT / "sofo_jax", source / "sofo_jax",
-                  ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+  shutil.copytree(
+    ROOT / "sofo_jax",
+    source / "sofo_jax",
+    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+  )
   # A jax that cannot be imported: the build fails if reading the version
   # falls back to importing sofo_jax.
   poison = work / "poison" / "jax"
   poison.mkdir(parents=True)
   (poison / "__init__.py").write_text(
-      'raise ImportError("building sofo_jax imported jax")\n')
+    'raise ImportError("building sofo_jax imported jax")\n'
+  )
   env = {**os.environ, "PYTHONPATH": str(poison.parent)}
   dist = work / "dist"
   done = subprocess.run(
-      [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist),
-       str(source)],
-      capture_output=True, text=True, env=env, cwd=work, timeout=TIMEOUT_S, check=False)
+    [
+      sys.executable,
+      "-m",
+      "build",
+      "--wheel",
+      "--no-isolation",
+      "--outdir",
+      str(dist),
+      str(source),
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=work,
+    timeout=TIMEOUT_S,
+    check=False,
+  )
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   wheels = sorted(dist.glob("*.whl"))
   assert len(wheels) == 1, wheels
@@ -129,14 +158,20 @@ def test_wheel_contents(wheel):
   with zipfile.ZipFile(wheel) as archive:
     names = set(archive.namelist())
     metadata = archive.read(f"{dist_info}/METADATA").decode()
-    licenses = [name for name in (f"{dist_info}/licenses/LICENSE", f"{dist_info}/LICENSE")
-                if name in names]
+    licenses = [
+      name
+      for name in (f"{dist_info}/licenses/LICENSE", f"{dist_info}/LICENSE")
+      if name in names
+    ]
     assert licenses, sorted(name for name in names if name.startswith(dist_info))
     assert archive.read(licenses[0]).decode() == (ROOT / "LICENSE").read_text()
   assert "sofo_jax/py.typed" in names
   # Every module of the source tree ships, and nothing but the package does.
-  modules = {path.relative_to(ROOT).as_posix() for path in (ROOT / "sofo_jax").rglob("*.py")
-             if "__pycache__" not in path.parts}
+  modules = {
+    path.relative_to(ROOT).as_posix()
+    for path in (ROOT / "sofo_jax").rglob("*.py")
+    if "__pycache__" not in path.parts
+  }
   assert modules == {name for name in names if name.endswith(".py")}
   assert all(name.split("/")[0] in ("sofo_jax", dist_info) for name in names), names
   headers = metadata.split("\n\n", 1)[0].splitlines()
@@ -164,8 +199,13 @@ print(json.dumps(found))
 @needs_build
 def test_wheel_installs_and_imports_in_a_clean_venv(wheel, tmp_path):
   venv = tmp_path / "venv"
-  created = subprocess.run([sys.executable, "-m", "venv", str(venv)], capture_output=True,
-                           text=True, timeout=TIMEOUT_S, check=False)
+  created = subprocess.run(
+    [sys.executable, "-m", "venv", str(venv)],
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT_S,
+    check=False,
+  )
   if created.returncode != 0:
     pytest.skip(f"cannot create a virtual environment: {created.stderr[-500:]}")
   python = venv / "bin" / "python"
@@ -174,17 +214,37 @@ def test_wheel_installs_and_imports_in_a_clean_venv(wheel, tmp_path):
   # --isolated: no PIP_* variables or user configuration; --no-index: the
   # wheel alone, nothing from a registry.
   installed = subprocess.run(
-      [str(python), "-m", "pip", "install", "--isolated", "--no-index", "--no-deps",
-       "--disable-pip-version-check", "--quiet", str(wheel)],
-      capture_output=True, text=True, cwd=tmp_path, timeout=TIMEOUT_S, check=False)
+    [
+      str(python),
+      "-m",
+      "pip",
+      "install",
+      "--isolated",
+      "--no-index",
+      "--no-deps",
+      "--disable-pip-version-check",
+      "--quiet",
+      str(wheel),
+    ],
+    capture_output=True,
+    text=True,
+    cwd=tmp_path,
+    timeout=TIMEOUT_S,
+    check=False,
+  )
   assert installed.returncode == 0, installed.stdout[-3000:] + installed.stderr[-3000:]
 
   dependencies = [path for path in site.getsitepackages() if Path(path).is_dir()]
   # -I: no PYTHONPATH, no user site and no working directory on sys.path,
   # so the checkout's sofo_jax cannot be picked up by accident.
-  ran = subprocess.run([str(python), "-I", "-c", _IMPORT_CHECK, json.dumps(dependencies)],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=TIMEOUT_S,
-                       check=False)
+  ran = subprocess.run(
+    [str(python), "-I", "-c", _IMPORT_CHECK, json.dumps(dependencies)],
+    capture_output=True,
+    text=True,
+    cwd=tmp_path,
+    timeout=TIMEOUT_S,
+    check=False,
+  )
   assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
   found = json.loads(ran.stdout.strip().splitlines()[-1])
   clean = venv.resolve()

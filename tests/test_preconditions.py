@@ -46,10 +46,14 @@ def test_out_of_range_traced_labels_skip_the_sofo_step():
 
   @jax.jit
   def step(params, state, labels):
-    updates, state = opt.update(None, state, params, loss_fn=lambda p: ce_loss(p, labels))
+    updates, state = opt.update(
+      None, state, params, loss_fn=lambda p: ce_loss(p, labels)
+    )
     return optax.apply_updates(params, updates), state
 
-  assert np.isnan(jax.jit(lambda l: ce_loss(PARAMS, l).value)(LABELS.at[0].set(7)))
+  assert np.isnan(
+    jax.jit(lambda labels: ce_loss(PARAMS, labels).value)(LABELS.at[0].set(7))
+  )
   params, state = step(PARAMS, opt.init(PARAMS), LABELS.at[0].set(7))
   np.testing.assert_array_equal(params["w"], PARAMS["w"])
   assert not bool(sofo_jax.get_diagnostics(state).step_is_finite)
@@ -69,7 +73,9 @@ def test_negative_traced_scale_skips_the_sofo_step():
 
   @jax.jit
   def step(params, state, scale):
-    updates, state = opt.update(None, state, params, loss_fn=lambda p: scale * ce_loss(p))
+    updates, state = opt.update(
+      None, state, params, loss_fn=lambda p: scale * ce_loss(p)
+    )
     return optax.apply_updates(params, updates), state
 
   params, state = step(PARAMS, opt.init(PARAMS), -1.0)
@@ -89,8 +95,9 @@ def test_parameter_dependent_scale_is_a_constant_in_the_curvature(x64):
   flat_tangents = jnp.stack([t.ravel() for t in tangents["w"]])
   full_gradient = jax.grad(lambda p: scaled(p).value)(params)["w"].ravel()
   np.testing.assert_allclose(got.gradient, flat_tangents @ full_gradient, rtol=1e-10)
-  np.testing.assert_allclose(got.gauss_newton, scale_of(params) * plain.gauss_newton,
-                             rtol=1e-10)
+  np.testing.assert_allclose(
+    got.gauss_newton, scale_of(params) * plain.gauss_newton, rtol=1e-10
+  )
 
 
 def test_checkpoint_step_must_be_an_integer(tmp_path):

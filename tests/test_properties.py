@@ -35,13 +35,13 @@ from sofo_jax import losses
 from sofo_jax._src import tree as tree_lib
 
 SETTINGS = dict(
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[
-        hypothesis.HealthCheck.too_slow,
-        hypothesis.HealthCheck.data_too_large,
-    ],
+  deadline=None,
+  derandomize=True,
+  database=None,
+  suppress_health_check=[
+    hypothesis.HealthCheck.too_slow,
+    hypothesis.HealthCheck.data_too_large,
+  ],
 )
 
 
@@ -62,25 +62,34 @@ SHAPES = [(), (0,), (2,), (1, 3), (0, 2), (3,)]
 FLOAT_DTYPES = ["float32", "float64", "bfloat16"]
 
 float_leaf = st.tuples(
-    st.just("array"), st.sampled_from(SHAPES), st.sampled_from(FLOAT_DTYPES),
-    st.integers(0, 2**16),
+  st.just("array"),
+  st.sampled_from(SHAPES),
+  st.sampled_from(FLOAT_DTYPES),
+  st.integers(0, 2**16),
 )
 int_leaf = st.tuples(
-    st.just("int_array"), st.sampled_from([(), (2,)]), st.just("int32"),
-    st.integers(0, 2**16),
+  st.just("int_array"),
+  st.sampled_from([(), (2,)]),
+  st.just("int32"),
+  st.integers(0, 2**16),
 )
 python_float = st.tuples(st.just("pyfloat"), st.floats(-2.0, 2.0, width=32))
 python_int = st.tuples(st.just("pyint"), st.integers(-5, 5))
-leaf_spec = st.one_of(float_leaf, float_leaf, float_leaf, int_leaf, python_float, python_int)
+leaf_spec = st.one_of(
+  float_leaf, float_leaf, float_leaf, int_leaf, python_float, python_int
+)
 
 
 def _containers(children):
   return st.one_of(
-      st.dictionaries(st.sampled_from("abcd"), children, min_size=1, max_size=3)
-      .map(lambda d: ("dict", d)),
-      st.lists(children, min_size=1, max_size=3).map(lambda l: ("tuple", tuple(l))),
-      st.lists(children, min_size=1, max_size=2).map(lambda l: ("list", l)),
-      st.tuples(children, children).map(lambda ab: ("module", ab)),
+    st.dictionaries(st.sampled_from("abcd"), children, min_size=1, max_size=3).map(
+      lambda d: ("dict", d)
+    ),
+    st.lists(children, min_size=1, max_size=3).map(
+      lambda items: ("tuple", tuple(items))
+    ),
+    st.lists(children, min_size=1, max_size=2).map(lambda items: ("list", items)),
+    st.tuples(children, children).map(lambda ab: ("module", ab)),
   )
 
 
@@ -124,8 +133,10 @@ def uses_x64(spec) -> bool:
 
 
 def is_float_leaf(leaf) -> bool:
-  return eqx.is_array_like(leaf) and not isinstance(leaf, bool) and bool(
-      jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+  return (
+    eqx.is_array_like(leaf)
+    and not isinstance(leaf, bool)
+    and bool(jnp.issubdtype(jnp.result_type(leaf), jnp.floating))
   )
 
 
@@ -149,7 +160,7 @@ def make_loss_fn(params):
 
   def loss_fn(p):
     pieces = [jnp.ravel(jnp.asarray(leaf)).astype(dtype) for leaf in float_leaves(p)]
-    vector = jnp.concatenate(pieces + [jnp.ones((1,), dtype)])
+    vector = jnp.concatenate([*pieces, jnp.ones((1,), dtype)])
     # Cross-terms between parameters give a non-diagonal Gauss–Newton matrix.
     outputs = jnp.stack([jnp.tanh(vector), jnp.tanh(jnp.cumsum(vector))], -1)
     return losses.mse(outputs, jnp.stack([target, -target], -1))
@@ -170,8 +181,13 @@ def make_optimizer(name, num_tangents, damping, relative, distribution, mask):
   key = jax.random.key(0)
   if name == "sofo":
     return sofo_jax.sofo(
-        0.5, num_tangents, damping, key=key, relative_damping=relative,
-        tangent_distribution=distribution, mask=mask,
+      0.5,
+      num_tangents,
+      damping,
+      key=key,
+      relative_damping=relative,
+      tangent_distribution=distribution,
+      mask=mask,
     )
   return sofo_jax.forward_gradient(0.01, num_tangents, key=key, mask=mask)
 
@@ -188,29 +204,76 @@ def random_mask(params, flags):
 
 F32_VECTOR = ("array", (3,), "float32", 1)
 EDGE_CASES = {
-    # name: (spec, optimizer, K, damping, relative, distribution)
-    "size_zero_leaf": (("dict", {"a": ("array", (0,), "float32", 0), "b": F32_VECTOR}),
-                       "sofo", 4, 1e-4, True, "normalized_gaussian"),
-    "only_size_zero_leaves": (("tuple", (("array", (0, 2), "float32", 0),)),
-                              "sofo", 2, 0.0, True, "orthonormal"),
-    "bf16_and_k_above_p": (("dict", {"a": ("array", (2,), "bfloat16", 2), "b": F32_VECTOR}),
-                           "sofo", 12, 0.0, True, "orthonormal"),
-    "scalar_leaf": (("array", (), "float32", 3), "sofo", 3, 1e-4, False, "normalized_gaussian"),
-    "nested_tuples_with_ints": (
-        ("tuple", (F32_VECTOR, ("tuple", (("pyint", 2), ("int_array", (2,), "int32", 4))))),
-        "sofo", 2, 1e-1, True, "orthonormal"),
-    "module_float64": (("module", (("array", (1, 3), "float64", 5), ("pyfloat", 0.5))),
-                       "sofo", 5, 1e-4, True, "normalized_gaussian"),
-    "fgd_bf16": (("list", [("array", (1, 3), "bfloat16", 6), ("pyint", 1)]),
-                 "forward_gradient", 3, 0.0, True, "normalized_gaussian"),
+  # name: (spec, optimizer, K, damping, relative, distribution)
+  "size_zero_leaf": (
+    ("dict", {"a": ("array", (0,), "float32", 0), "b": F32_VECTOR}),
+    "sofo",
+    4,
+    1e-4,
+    True,
+    "normalized_gaussian",
+  ),
+  "only_size_zero_leaves": (
+    ("tuple", (("array", (0, 2), "float32", 0),)),
+    "sofo",
+    2,
+    0.0,
+    True,
+    "orthonormal",
+  ),
+  "bf16_and_k_above_p": (
+    ("dict", {"a": ("array", (2,), "bfloat16", 2), "b": F32_VECTOR}),
+    "sofo",
+    12,
+    0.0,
+    True,
+    "orthonormal",
+  ),
+  "scalar_leaf": (
+    ("array", (), "float32", 3),
+    "sofo",
+    3,
+    1e-4,
+    False,
+    "normalized_gaussian",
+  ),
+  "nested_tuples_with_ints": (
+    ("tuple", (F32_VECTOR, ("tuple", (("pyint", 2), ("int_array", (2,), "int32", 4))))),
+    "sofo",
+    2,
+    1e-1,
+    True,
+    "orthonormal",
+  ),
+  "module_float64": (
+    ("module", (("array", (1, 3), "float64", 5), ("pyfloat", 0.5))),
+    "sofo",
+    5,
+    1e-4,
+    True,
+    "normalized_gaussian",
+  ),
+  "fgd_bf16": (
+    ("list", [("array", (1, 3), "bfloat16", 6), ("pyint", 1)]),
+    "forward_gradient",
+    3,
+    0.0,
+    True,
+    "normalized_gaussian",
+  ),
 }
 
 
 def _with_edge_cases(test):
   for spec, name, k, damping, relative, distribution in EDGE_CASES.values():
     test = hypothesis.example(
-        spec=spec, name=name, num_tangents=k, damping=damping, relative=relative,
-        distribution=distribution, mask_flags=None,
+      spec=spec,
+      name=name,
+      num_tangents=k,
+      damping=damping,
+      relative=relative,
+      distribution=distribution,
+      mask_flags=None,
     )(test)
   return test
 
@@ -218,16 +281,16 @@ def _with_edge_cases(test):
 @hypothesis.settings(max_examples=10, **SETTINGS)
 @_with_edge_cases
 @hypothesis.given(
-    spec=param_spec,
-    name=st.sampled_from(["sofo", "sofo", "forward_gradient"]),
-    num_tangents=st.integers(1, 12),
-    damping=st.sampled_from([0.0, 1e-8, 1e-4, 1e-1, 10.0]),
-    relative=st.booleans(),
-    distribution=st.sampled_from(["normalized_gaussian", "orthonormal"]),
-    mask_flags=st.one_of(st.none(), st.lists(st.booleans(), min_size=1, max_size=6)),
+  spec=param_spec,
+  name=st.sampled_from(["sofo", "sofo", "forward_gradient"]),
+  num_tangents=st.integers(1, 12),
+  damping=st.sampled_from([0.0, 1e-8, 1e-4, 1e-1, 10.0]),
+  relative=st.booleans(),
+  distribution=st.sampled_from(["normalized_gaussian", "orthonormal"]),
+  mask_flags=st.one_of(st.none(), st.lists(st.booleans(), min_size=1, max_size=6)),
 )
 def test_one_step_is_finite_and_keeps_structure(
-    spec, name, num_tangents, damping, relative, distribution, mask_flags
+  spec, name, num_tangents, damping, relative, distribution, mask_flags
 ):
   with jax.enable_x64(uses_x64(spec)):
     params = build(spec)
@@ -261,7 +324,9 @@ def test_one_step_is_finite_and_keeps_structure(
     # New params: same structure, shapes, dtypes; finite; frozen leaves exact.
     assert jax.tree.structure(new_params) == jax.tree.structure(params)
     flags = tree_lib.partition(params, mask).trainable_flags
-    for flag, new, old in zip(flags, jax.tree.leaves(new_params), jax.tree.leaves(params)):
+    for flag, new, old in zip(
+      flags, jax.tree.leaves(new_params), jax.tree.leaves(params)
+    ):
       assert jnp.shape(new) == jnp.shape(old)
       assert jnp.result_type(new) == jnp.result_type(old)
       if is_float_leaf(old):
@@ -277,7 +342,8 @@ def test_one_step_is_finite_and_keeps_structure(
     assert int(sofo_jax.get_state(new_state).count) == 1
     if name == "sofo":
       scale = 1.0 + float(diagnostics.gradient_norm) ** 2 / max(
-          float(diagnostics.max_eigenvalue), 1e-30)
+        float(diagnostics.max_eigenvalue), 1e-30
+      )
       assert float(diagnostics.predicted_decrease) >= -1e-4 * scale
 
     # No recompilation when the step is fed its own outputs. A Python scalar
@@ -292,20 +358,28 @@ def test_one_step_is_finite_and_keeps_structure(
 
 @hypothesis.settings(max_examples=8, **SETTINGS)
 @hypothesis.given(
-    num_tangents=st.integers(1, 16),
-    size=st.integers(1, 5),
-    distribution=st.sampled_from(["normalized_gaussian", "orthonormal"]),
-    seed=st.integers(0, 2**31 - 1),
+  num_tangents=st.integers(1, 16),
+  size=st.integers(1, 5),
+  distribution=st.sampled_from(["normalized_gaussian", "orthonormal"]),
+  seed=st.integers(0, 2**31 - 1),
 )
 def test_tangents_are_finite_and_normalised(num_tangents, size, distribution, seed):
-  params = {"a": jnp.zeros((size,)), "b": jnp.zeros((0, 3)), "c": jnp.zeros((), jnp.bfloat16)}
+  params = {
+    "a": jnp.zeros((size,)),
+    "b": jnp.zeros((0, 3)),
+    "c": jnp.zeros((), jnp.bfloat16),
+  }
   sample = jax.jit(sofo_jax.sample_tangents, static_argnums=(2, 3))
   tangents = sample(jax.random.key(seed), params, num_tangents, distribution)
   flat = np.concatenate(
-      [to_numpy(t).reshape(num_tangents, -1) for t in jax.tree.leaves(tangents)], 1
+    [to_numpy(t).reshape(num_tangents, -1) for t in jax.tree.leaves(tangents)], 1
   )
   assert np.all(np.isfinite(flat))
-  assert tangents["c"].dtype == jnp.bfloat16 and tangents["b"].shape == (num_tangents, 0, 3)
+  assert tangents["c"].dtype == jnp.bfloat16 and tangents["b"].shape == (
+    num_tangents,
+    0,
+    3,
+  )
   p = size + 1
   if distribution == "normalized_gaussian":
     # bf16 storage of one coordinate limits the precision of the norm.

@@ -7,7 +7,6 @@ in log files, and the README's list of extras.
 
 import io
 import re
-import tomllib
 import warnings
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import tomllib
 
 import sofo_jax
 from sofo_jax import training
@@ -56,8 +56,9 @@ def test_forward_gradient_refuses_a_pair_without_has_aux():
 
 def test_forward_gradient_aux_example_makes_the_state_scannable():
   example = jax.eval_shape(lambda p: loss_with_aux(p)[1], PARAMS)
-  opt = sofo_jax.forward_gradient(0.01, 3, key=jax.random.key(0), has_aux=True,
-                                  aux_example=example)
+  opt = sofo_jax.forward_gradient(
+    0.01, 3, key=jax.random.key(0), has_aux=True, aux_example=example
+  )
 
   def body(carry, _):
     params, state = carry
@@ -103,8 +104,13 @@ def test_docstrings_point_to_get_state_not_to_chain_attributes():
   assert not re.search(r"``state\.(aux|diagnostics)", doc)
   assert "ascending" in sofo_jax.SofoDiagnostics.__doc__
   # What the docstring points to works on sofo()'s state, a chain's tuple.
-  opt = sofo_jax.sofo(1.0, 2, key=jax.random.key(0), has_aux=True,
-                      aux_example=jax.eval_shape(lambda p: loss_with_aux(p)[1], PARAMS))
+  opt = sofo_jax.sofo(
+    1.0,
+    2,
+    key=jax.random.key(0),
+    has_aux=True,
+    aux_example=jax.eval_shape(lambda p: loss_with_aux(p)[1], PARAMS),
+  )
   _, state = opt.update(None, opt.init(PARAMS), PARAMS, loss_fn=loss_with_aux)
   assert "mean_output" in sofo_jax.get_state(state).aux
   eigenvalues = np.asarray(sofo_jax.get_diagnostics(state).eigenvalues)
@@ -127,8 +133,10 @@ def test_forward_gradient_refuses_gradients_passed_in():
 @pytest.mark.parametrize("shape", [(3,), (2, 2), (4,), ()])
 def test_raw_key_of_the_wrong_shape_fails_at_construction(shape):
   bad = jnp.zeros(shape, jnp.uint32)
-  for build in (lambda: sofo_jax.sofo(1.0, 2, key=bad),
-                lambda: sofo_jax.forward_gradient(0.1, 2, key=bad)):
+  for build in (
+    lambda: sofo_jax.sofo(1.0, 2, key=bad),
+    lambda: sofo_jax.forward_gradient(0.1, 2, key=bad),
+  ):
     with pytest.raises(TypeError, match=r"uint32 of shape \(2,\)"):
       build()
 
@@ -144,12 +152,15 @@ def test_donating_the_state_deletes_neither_the_users_key_nor_later_inits(make_k
 
   donated = jax.jit(step, donate_argnums=(0, 1))
   first = opt.init(PARAMS)
-  expected_key = np.asarray(jax.random.key_data(key) if make_key is jax.random.key else key)
+  expected_key = np.asarray(
+    jax.random.key_data(key) if make_key is jax.random.key else key
+  )
   params, _ = donated({"w": jnp.zeros((3, 1))}, first)
   again = opt.init(params)  # failed with "Array has been deleted"
   np.testing.assert_array_equal(sofo_jax.get_state(again).key, expected_key)
   np.testing.assert_array_equal(
-      jax.random.key_data(key) if make_key is jax.random.key else key, expected_key)
+    jax.random.key_data(key) if make_key is jax.random.key else key, expected_key
+  )
 
 
 # Progress bars in log files ---------------------------------------------------------
@@ -169,9 +180,11 @@ def test_progress_bar_does_not_flood_a_log_file(monkeypatch):
 
 
 def test_readme_install_section_lists_every_extra():
-  extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+  extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+    "optional-dependencies"
+  ]
   readme = (ROOT / "README.md").read_text()
-  install = readme[readme.index("## Install"):readme.index("## Quickstart")]
+  install = readme[readme.index("## Install") : readme.index("## Quickstart")]
   for extra in extras:
     assert f'".[{extra}]"' in install, extra
 
@@ -179,10 +192,13 @@ def test_readme_install_section_lists_every_extra():
 # Un-jitted updates compile once ----------------------------------------------------
 
 
-@pytest.mark.parametrize("build", [
+@pytest.mark.parametrize(
+  "build",
+  [
     lambda: sofo_jax.sofo(1.0, 3, key=jax.random.key(0)),
     lambda: sofo_jax.forward_gradient(0.1, 3, key=jax.random.key(0)),
-])
+  ],
+)
 def test_eager_updates_trace_the_closure_once(build):
   """Outside jit, every update used to be compiled afresh (about a second
   and a few MB never freed, per call); now the closure is traced once and
@@ -211,5 +227,7 @@ def test_eager_update_matches_the_jitted_one():
   opt = sofo_jax.sofo(1.0, 3, key=jax.random.key(0))
   state = opt.init(PARAMS)
   eager, _ = opt.update(None, state, PARAMS, loss_fn=plain_loss)
-  jitted, _ = jax.jit(lambda s, p: opt.update(None, s, p, loss_fn=plain_loss))(state, PARAMS)
+  jitted, _ = jax.jit(lambda s, p: opt.update(None, s, p, loss_fn=plain_loss))(
+    state, PARAMS
+  )
   np.testing.assert_array_equal(eager["w"], jitted["w"])

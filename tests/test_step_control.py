@@ -2,17 +2,15 @@
 
 import jax
 import jax.numpy as jnp
+import models
 import numpy as np
 import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
 import sofo_jax
-from sofo_jax import losses
-from sofo_jax import training
+from sofo_jax import losses, training
 from sofo_jax import tasks as tasks_lib
-
-import models
 
 
 def _rnn_problem(seed):
@@ -61,7 +59,9 @@ def test_learning_rate_enters_the_trial_point():
       updates, state = opt.update(None, state, p, loss_fn=loss_fn)
       p = optax.apply_updates(p, updates)
       diagnostics = sofo_jax.get_diagnostics(state)
-      expected = loss_fn(p).value if not bool(diagnostics.step_rejected) else diagnostics.loss
+      expected = (
+        loss_fn(p).value if not bool(diagnostics.step_rejected) else diagnostics.loss
+      )
       np.testing.assert_allclose(diagnostics.trial_loss, expected, rtol=1e-5)
 
 
@@ -71,8 +71,14 @@ def test_rejection_keeps_the_parameters_and_raises_the_damping():
   loss_fn = lambda p: losses.mse(x @ p["w"], jnp.zeros((3, 1)))
   params = {"w": jnp.ones((3, 1))}
   control = sofo_jax.StepControl(num_trials=2, trial_growth=2.0, revert_ratio=None)
-  opt = sofo_jax.sofo(50.0, 3, 1e-6, key=jax.random.key(0), step_control=control,
-                      tangent_distribution="orthonormal")
+  opt = sofo_jax.sofo(
+    50.0,
+    3,
+    1e-6,
+    key=jax.random.key(0),
+    step_control=control,
+    tangent_distribution="orthonormal",
+  )
   state = opt.init(params)
   updates, state = opt.update(None, state, params, loss_fn=loss_fn)
   assert float(jnp.max(jnp.abs(updates["w"]))) == 0.0
@@ -80,7 +86,9 @@ def test_rejection_keeps_the_parameters_and_raises_the_damping():
   assert bool(diagnostics.step_rejected) and int(diagnostics.num_rejected_steps) == 1
   assert bool(diagnostics.step_is_finite)
   # The next step starts from the most damped trial times `increase`.
-  np.testing.assert_allclose(sofo_jax.get_state(state).damping, 1e-6 * 2.0 * 2.0, rtol=1e-6)
+  np.testing.assert_allclose(
+    sofo_jax.get_state(state).damping, 1e-6 * 2.0 * 2.0, rtol=1e-6
+  )
 
 
 def test_next_batch_check_undoes_a_step_that_generalised_badly():
@@ -101,7 +109,9 @@ def test_next_batch_check_undoes_a_step_that_generalised_badly():
   np.testing.assert_allclose(back["w"], params["w"], atol=1e-6)
   diagnostics = sofo_jax.get_diagnostics(state)
   assert bool(diagnostics.step_reverted) and int(diagnostics.num_reverted_steps) == 1
-  np.testing.assert_allclose(sofo_jax.get_state(state).damping, 10.0 * damping_after_a, rtol=1e-6)
+  np.testing.assert_allclose(
+    sofo_jax.get_state(state).damping, 10.0 * damping_after_a, rtol=1e-6
+  )
   # Nothing to undo twice: the next update on batch B is an ordinary step.
   _, state = opt.update(None, state, back, loss_fn=batch_b)
   assert not bool(sofo_jax.get_diagnostics(state).step_reverted)
@@ -110,7 +120,9 @@ def test_next_batch_check_undoes_a_step_that_generalised_badly():
 def test_non_finite_loss_after_a_step_is_undone():
   x = jnp.ones((4, 1))
   finite = lambda p: losses.mse(x * p["w"], jnp.ones((4, 1)))
-  blows_up = lambda p: losses.mse(x * jnp.where(p["w"] > 0.5, jnp.inf, p["w"]), jnp.ones((4, 1)))
+  blows_up = lambda p: losses.mse(
+    x * jnp.where(p["w"] > 0.5, jnp.inf, p["w"]), jnp.ones((4, 1))
+  )
   params = {"w": jnp.zeros((1,))}
   opt = sofo_jax.sofo(1.0, 1, key=jax.random.key(0))
   state = opt.init(params)
@@ -123,10 +135,15 @@ def test_non_finite_loss_after_a_step_is_undone():
   assert bool(sofo_jax.get_diagnostics(state).step_reverted)
 
 
-@pytest.mark.parametrize("options", [
-    {}, {"momentum": True}, {"num_recycled": 2},
+@pytest.mark.parametrize(
+  "options",
+  [
+    {},
+    {"momentum": True},
+    {"num_recycled": 2},
     {"step_control": sofo_jax.StepControl(revert_ratio=None)},
-])
+  ],
+)
 def test_state_is_fixed_shape_and_scans(options):
   params, loss_fn = _rnn_problem(4)
   opt = sofo_jax.sofo(1.0, 4, key=jax.random.key(0), **options)
@@ -137,7 +154,9 @@ def test_state_is_fixed_shape_and_scans(options):
     updates, s = opt.update(None, s, p, loss_fn=loss_fn)
     return (optax.apply_updates(p, updates), s), sofo_jax.get_diagnostics(s).loss
 
-  (p, final), losses_seen = jax.jit(lambda c: jax.lax.scan(body, c, None, length=6))((params, state))
+  (_p, final), losses_seen = jax.jit(lambda c: jax.lax.scan(body, c, None, length=6))(
+    (params, state)
+  )
   assert jax.tree.structure(final) == jax.tree.structure(state)
   for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(state)):
     assert a.shape == b.shape and a.dtype == b.dtype
@@ -148,8 +167,9 @@ def test_state_is_fixed_shape_and_scans(options):
 def test_recycled_tangents_are_the_top_curvature_directions():
   """With orthonormal tangents, the top recycled direction v has v'Gv = s_max."""
   params, loss_fn = _rnn_problem(5)
-  opt = sofo_jax.scale_by_sofo(6, key=jax.random.key(1), num_recycled=2,
-                               tangent_distribution="orthonormal")
+  opt = sofo_jax.scale_by_sofo(
+    6, key=jax.random.key(1), num_recycled=2, tangent_distribution="orthonormal"
+  )
   state = opt.init(params)
   _, state = opt.update(None, state, params, loss_fn=loss_fn)
   for i in range(2):
@@ -158,7 +178,9 @@ def test_recycled_tangents_are_the_top_curvature_directions():
   top = [r[-1:] for r in state.recycled]  # eigenvalues ascend: the largest is last
   tangents = jax.tree.unflatten(jax.tree.structure(params), top)
   _, _, curvature = sofo_jax.sketch(loss_fn, params, tangents)
-  np.testing.assert_allclose(curvature[0, 0], state.diagnostics.max_eigenvalue, rtol=1e-4)
+  np.testing.assert_allclose(
+    curvature[0, 0], state.diagnostics.max_eigenvalue, rtol=1e-4
+  )
 
 
 def test_momentum_tangent_is_the_last_update():
@@ -170,8 +192,11 @@ def test_momentum_tangent_is_the_last_update():
   opt = sofo_jax.sofo(1.0, 2, 1e-6, key=jax.random.key(0), momentum=True)
   state = opt.init(params)
   first, state = opt.update(None, state, params, loss_fn=loss_fn)
-  np.testing.assert_allclose(ravel_pytree(sofo_jax.get_state(state).last_update)[0],
-                             ravel_pytree(first)[0], rtol=1e-6)
+  np.testing.assert_allclose(
+    ravel_pytree(sofo_jax.get_state(state).last_update)[0],
+    ravel_pytree(first)[0],
+    rtol=1e-6,
+  )
 
 
 def test_step_control_settings_are_checked():
@@ -196,13 +221,21 @@ def test_step_control_settings_are_checked():
 QUICK_STEPS = 30
 
 
-@pytest.mark.parametrize("name", ["flip_flop", "lorenz", "kalman", "double_reach", "delayed_addition"])
+@pytest.mark.parametrize(
+  "name", ["flip_flop", "lorenz", "kalman", "double_reach", "delayed_addition"]
+)
 def test_defaults_train_every_rnn_task_at_quick_size(name):
   """sofo(1.0, K, key=key), nothing else set, no warm-up: no loss above 3x the first."""
   module = tasks_lib.TASKS[name]
   task = module.make(module.Config.quick())
-  history = training.fit(task, "sofo", QUICK_STEPS, key=jax.random.key(0), progress=False,
-                         chunk_size=QUICK_STEPS)
+  history = training.fit(
+    task,
+    "sofo",
+    QUICK_STEPS,
+    key=jax.random.key(0),
+    progress=False,
+    chunk_size=QUICK_STEPS,
+  )
   assert history.settings["learning_rate"] == 1.0
   assert np.all(np.isfinite(history.losses))
   assert np.max(history.losses) <= 3 * history.losses[0]

@@ -8,13 +8,14 @@ import pytest
 
 import sofo_jax
 import sofo_jax.tasks
-from sofo_jax import losses
-from sofo_jax import training
+from sofo_jax import losses, training
 
 
 def test_linear_least_squares_solved_in_three_steps():
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(64, 6)) * np.array([1, 3, 10, 0.3, 1, 30]), jnp.float32)
+  x = jnp.asarray(
+    rng.normal(size=(64, 6)) * np.array([1, 3, 10, 0.3, 1, 30]), jnp.float32
+  )
   w_true = jnp.asarray(rng.normal(size=(6, 2)), jnp.float32)
   y = x @ w_true + 0.01 * jnp.asarray(rng.normal(size=(64, 2)), jnp.float32)
   params = {"w": jnp.zeros((6, 2)), "b": jnp.zeros(2)}
@@ -47,10 +48,10 @@ ADAM_LEARNING_RATES = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 def _init(key, gain):
   k = jax.random.split(key, 3)
   return {
-      "w": gain * jax.random.normal(k[0], (N, N)) / jnp.sqrt(N),
-      "u": jax.random.normal(k[1], (N_IN, N)),
-      "c": jax.random.normal(k[2], (N, N_OUT)) / jnp.sqrt(N),
-      "b": jnp.zeros(N),
+    "w": gain * jax.random.normal(k[0], (N, N)) / jnp.sqrt(N),
+    "u": jax.random.normal(k[1], (N_IN, N)),
+    "c": jax.random.normal(k[2], (N, N_OUT)) / jnp.sqrt(N),
+    "b": jnp.zeros(N),
   }
 
 
@@ -84,14 +85,18 @@ def _train(opt, uses_sofo):
     params, state = carry
     xs, ys = _batch(key)
     if uses_sofo:
-      updates, state = opt.update(None, state, params, loss_fn=lambda p: _loss(p, xs, ys))
+      updates, state = opt.update(
+        None, state, params, loss_fn=lambda p: _loss(p, xs, ys)
+      )
     else:
       grads = jax.grad(lambda p: _loss(p, xs, ys).value)(params)
       updates, state = opt.update(grads, state, params)
     return (optax.apply_updates(params, updates), state), None
 
   keys = jax.random.split(jax.random.key(100), STEPS)
-  (params, _), _ = jax.jit(lambda c, k: jax.lax.scan(one, c, k))((params, opt.init(params)), keys)
+  (params, _), _ = jax.jit(lambda c, k: jax.lax.scan(one, c, k))(
+    (params, opt.init(params)), keys
+  )
   return float(_loss(params, *_batch(jax.random.key(999))).value)
 
 
@@ -116,7 +121,9 @@ def test_fit_defaults_train_forward_gradient_and_sgd(name, method):
   """
   module = sofo_jax.tasks.TASKS[name]
   task = module.make(module.Config.quick())
-  history = training.fit(task, method, 20, key=jax.random.key(0), progress=False, chunk_size=20)
+  history = training.fit(
+    task, method, 20, key=jax.random.key(0), progress=False, chunk_size=20
+  )
   assert history.settings["learning_rate"] == training.DEFAULT_LEARNING_RATES[method]
   assert np.all(np.isfinite(history.losses))
   assert np.max(history.losses) <= 3 * history.losses[0]
@@ -124,7 +131,9 @@ def test_fit_defaults_train_forward_gradient_and_sgd(name, method):
 
 def test_fit_passes_sofo_options_and_rejects_them_for_other_methods():
   task = sofo_jax.tasks.flip_flop.make(sofo_jax.tasks.flip_flop.Config.quick())
-  history = training.fit(task, "sofo", 2, key=jax.random.key(0), progress=False, adaptive=False)
+  history = training.fit(
+    task, "sofo", 2, key=jax.random.key(0), progress=False, adaptive=False
+  )
   assert history.settings["adaptive"] is False
   with pytest.raises(ValueError, match="SOFO only"):
     training.fit(task, "adam", 2, key=jax.random.key(0), progress=False, adaptive=False)

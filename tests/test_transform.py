@@ -1,9 +1,9 @@
 """The optimizer common suite and composition with optax, equinox and JAX."""
 
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import models
 import numpy as np
 import optax
 import pytest
@@ -11,8 +11,6 @@ from jax.flatten_util import ravel_pytree
 
 import sofo_jax
 from sofo_jax import losses
-
-import models
 
 
 def _regression(dtype=jnp.float32, seed=0):
@@ -28,14 +26,16 @@ def _step_fn(opt, loss_fn):
   def step(params, state):
     updates, state = opt.update(None, state, params, loss_fn=loss_fn)
     return optax.apply_updates(params, updates), state
+
   return step
 
 
 OPTIMIZERS = {
-    "sofo": lambda: sofo_jax.sofo(0.5, 6, 1e-3, key=jax.random.key(0)),
-    "sofo_orthonormal": lambda: sofo_jax.sofo(
-        0.5, 6, 1e-3, key=jax.random.key(0), tangent_distribution="orthonormal"),
-    "forward_gradient": lambda: sofo_jax.forward_gradient(0.01, 6, key=jax.random.key(0)),
+  "sofo": lambda: sofo_jax.sofo(0.5, 6, 1e-3, key=jax.random.key(0)),
+  "sofo_orthonormal": lambda: sofo_jax.sofo(
+    0.5, 6, 1e-3, key=jax.random.key(0), tangent_distribution="orthonormal"
+  ),
+  "forward_gradient": lambda: sofo_jax.forward_gradient(0.01, 6, key=jax.random.key(0)),
 }
 
 
@@ -82,11 +82,20 @@ def test_dtype_preserved(name, dtype):
   params, loss_fn = _regression(dtype)
   opt = OPTIMIZERS[name]()
   state = opt.init(params)
-  updates, state = jax.jit(lambda p, s: opt.update(None, s, p, loss_fn=loss_fn))(params, state)
+  updates, state = jax.jit(lambda p, s: opt.update(None, s, p, loss_fn=loss_fn))(
+    params, state
+  )
   for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
     assert u.dtype == p.dtype and u.shape == p.shape
     assert jnp.all(jnp.isfinite(u.astype(jnp.float32)))
-  assert float(jnp.linalg.norm(ravel_pytree(jax.tree.map(lambda u: u.astype(jnp.float32), updates))[0])) > 0
+  assert (
+    float(
+      jnp.linalg.norm(
+        ravel_pytree(jax.tree.map(lambda u: u.astype(jnp.float32), updates))[0]
+      )
+    )
+    > 0
+  )
 
 
 def test_state_structure_and_dtypes_fixed_across_steps():
@@ -113,15 +122,24 @@ def test_lax_scan_over_updates_matches_python_loop(name):
   def body(carry, _):
     return _step_fn(opt, loss_fn)(*carry), None
 
-  (p_scan, _), _ = jax.jit(lambda c: jax.lax.scan(body, c, length=4))((params, opt.init(params)))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p_loop, p_scan)
+  (p_scan, _), _ = jax.jit(lambda c: jax.lax.scan(body, c, length=4))(
+    (params, opt.init(params))
+  )
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p_loop, p_scan
+  )
 
 
 def test_inject_hyperparams_changes_learning_rate_and_damping():
   params, loss_fn = _regression()
   # The paper's fixed damping: injected values act on every step.
   opt = optax.inject_hyperparams(sofo_jax.sofo, static_args=("num_tangents", "key"))(
-      learning_rate=1.0, num_tangents=5, damping=1e-3, key=jax.random.key(0), adaptive=False)
+    learning_rate=1.0,
+    num_tangents=5,
+    damping=1e-3,
+    key=jax.random.key(0),
+    adaptive=False,
+  )
   state = opt.init(params)
   update = jax.jit(lambda p, s: opt.update(None, s, p, loss_fn=loss_fn))
   u1, s1 = update(params, state)
@@ -141,7 +159,8 @@ def test_inject_hyperparams_changes_learning_rate_and_damping():
 def test_inject_hyperparams_without_static_num_tangents_says_what_to_do():
   params, _ = _regression()
   opt = optax.inject_hyperparams(sofo_jax.sofo)(
-      learning_rate=1.0, num_tangents=5, key=jax.random.key(0))
+    learning_rate=1.0, num_tangents=5, key=jax.random.key(0)
+  )
   with pytest.raises(TypeError, match="static_args"):
     jax.jit(opt.init)(params)
 
@@ -154,10 +173,14 @@ def test_schedule_learning_rate():
   s_sched, s_const = with_schedule.init(params), constant.init(params)
   u_sched, s_sched = with_schedule.update(None, s_sched, params, loss_fn=loss_fn)
   u_const, s_const = constant.update(None, s_const, params, loss_fn=loss_fn)
-  np.testing.assert_allclose(ravel_pytree(u_sched)[0], ravel_pytree(u_const)[0], rtol=1e-6)
+  np.testing.assert_allclose(
+    ravel_pytree(u_sched)[0], ravel_pytree(u_const)[0], rtol=1e-6
+  )
   u_sched, _ = with_schedule.update(None, s_sched, params, loss_fn=loss_fn)
   u_const, _ = constant.update(None, s_const, params, loss_fn=loss_fn)
-  np.testing.assert_allclose(ravel_pytree(u_sched)[0], 0.5 * ravel_pytree(u_const)[0], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(
+    ravel_pytree(u_sched)[0], 0.5 * ravel_pytree(u_const)[0], rtol=1e-5, atol=1e-7
+  )
 
 
 def test_chain_with_clipping_momentum_weight_decay():
@@ -165,11 +188,11 @@ def test_chain_with_clipping_momentum_weight_decay():
   # Transforms between SOFO and the learning rate change the step that step
   # control would evaluate: the paper's fixed damping composes freely.
   opt = optax.chain(
-      sofo_jax.scale_by_sofo(5, 1e-3, key=jax.random.key(0), adaptive=False),
-      optax.clip_by_global_norm(1e-2),
-      optax.trace(decay=0.9),
-      optax.add_decayed_weights(1e-4),
-      optax.scale_by_learning_rate(1.0),
+    sofo_jax.scale_by_sofo(5, 1e-3, key=jax.random.key(0), adaptive=False),
+    optax.clip_by_global_norm(1e-2),
+    optax.trace(decay=0.9),
+    optax.add_decayed_weights(1e-4),
+    optax.scale_by_learning_rate(1.0),
   )
   state = opt.init(params)
   step = jax.jit(_step_fn(opt, loss_fn))
@@ -178,7 +201,9 @@ def test_chain_with_clipping_momentum_weight_decay():
   for _ in range(3):
     p_next, state = step(p, state)
     # Clipped SOFO direction plus momentum and a tiny decay: bounded steps.
-    assert jnp.linalg.norm(ravel_pytree(p_next)[0] - ravel_pytree(p)[0]) < 3 * 1e-2 + 1e-3
+    assert (
+      jnp.linalg.norm(ravel_pytree(p_next)[0] - ravel_pytree(p)[0]) < 3 * 1e-2 + 1e-3
+    )
     p = p_next
   assert loss_fn(p).value < start
 
@@ -206,9 +231,11 @@ def test_incoming_gradients_are_an_error_not_silently_ignored():
     jax.block_until_ready(jitted(grads, state, params))
   clipped_first = optax.chain(optax.clip_by_global_norm(1.0), opt)
   with pytest.raises(Exception, match="SOFO must come first in a chain"):
-    jax.block_until_ready(jax.jit(
-        lambda g, s, p: clipped_first.update(g, s, p, loss_fn=loss_fn))(
-            grads, clipped_first.init(params), params))
+    jax.block_until_ready(
+      jax.jit(lambda g, s, p: clipped_first.update(g, s, p, loss_fn=loss_fn))(
+        grads, clipped_first.init(params), params
+      )
+    )
   u_zeros, _ = jitted(optax.tree.zeros_like(params), state, params)
   u_none, _ = opt.update(None, state, params, loss_fn=loss_fn)
   np.testing.assert_array_equal(ravel_pytree(u_zeros)[0], ravel_pytree(u_none)[0])
@@ -230,7 +257,9 @@ def test_apply_if_finite_composes():
   expected, _ = plain.update(None, plain.init(params), params, loss_fn=loss_fn)
   assert bool(state.last_finite)
   assert float(jnp.max(jnp.abs(ravel_pytree(expected)[0]))) > 0
-  np.testing.assert_allclose(ravel_pytree(updates)[0], ravel_pytree(expected)[0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    ravel_pytree(updates)[0], ravel_pytree(expected)[0], rtol=1e-5, atol=1e-6
+  )
 
 
 def test_mask_freezes_leaves_and_draws_no_tangents_there():
@@ -238,7 +267,9 @@ def test_mask_freezes_leaves_and_draws_no_tangents_there():
   mask = [{"w": True, "b": False}, {"w": True, "b": True}]
   opt = sofo_jax.sofo(1.0, 4, key=jax.random.key(0), mask=mask)
   state = opt.init(params)
-  updates, _ = jax.jit(lambda p, s: opt.update(None, s, p, loss_fn=loss_fn))(params, state)
+  updates, _ = jax.jit(lambda p, s: opt.update(None, s, p, loss_fn=loss_fn))(
+    params, state
+  )
   assert jnp.all(updates[0]["b"] == 0)
   assert jnp.any(updates[0]["w"] != 0) and jnp.any(updates[1]["b"] != 0)
   tangents = sofo_jax.sample_tangents(jax.random.key(0), params, 4, mask=mask)
@@ -281,7 +312,9 @@ def test_integer_leaves_left_alone():
   params_with_int = {"net": params, "step": jnp.asarray(3, jnp.int32)}
   opt = sofo_jax.sofo(1.0, 4, key=jax.random.key(0))
   state = opt.init(params_with_int)
-  updates, _ = opt.update(None, state, params_with_int, loss_fn=lambda p: loss_fn(p["net"]))
+  updates, _ = opt.update(
+    None, state, params_with_int, loss_fn=lambda p: loss_fn(p["net"])
+  )
   new = optax.apply_updates(params_with_int, updates)
   assert new["step"].dtype == jnp.int32 and int(new["step"]) == 3
 
@@ -292,7 +325,9 @@ def test_same_key_bitwise_identical_and_steps_use_fresh_tangents():
   for _ in range(2):
     opt = sofo_jax.sofo(1.0, 4, key=jax.random.key(42))
     state = opt.init(params)
-    u, state = jax.jit(lambda p, s: opt.update(None, s, p, loss_fn=loss_fn))(params, state)
+    u, state = jax.jit(lambda p, s, opt=opt: opt.update(None, s, p, loss_fn=loss_fn))(
+      params, state
+    )
     updates.append(ravel_pytree(u)[0])
   np.testing.assert_array_equal(updates[0], updates[1])
   # From the same params, the second step's tangents differ from the first's.
@@ -328,15 +363,22 @@ def test_has_aux_returns_aux_and_loss_without_second_pass():
     return losses.mse(preds, y), {"mean_prediction": jnp.mean(preds)}
 
   example = {"mean_prediction": jax.ShapeDtypeStruct((), jnp.float32)}
-  opt = sofo_jax.sofo(1.0, 4, key=jax.random.key(0), has_aux=True, aux_example=example,
-                      adaptive=False)
+  opt = sofo_jax.sofo(
+    1.0, 4, key=jax.random.key(0), has_aux=True, aux_example=example, adaptive=False
+  )
   state = opt.init(params)
   assert float(state[0].aux["mean_prediction"]) == 0.0
-  _, new_state = jax.jit(lambda p, s: opt.update(None, s, p, loss_fn=loss_fn))(params, state)
+  _, new_state = jax.jit(lambda p, s: opt.update(None, s, p, loss_fn=loss_fn))(
+    params, state
+  )
   assert len(calls) == 1  # traced once: the loss and aux come from the same pass
   sofo_state = sofo_jax.get_state(new_state)
-  np.testing.assert_allclose(sofo_state.aux["mean_prediction"], jnp.mean(models.mlp(params, x)), rtol=1e-6)
-  np.testing.assert_allclose(sofo_state.diagnostics.loss, losses.mse(models.mlp(params, x), y).value, rtol=1e-6)
+  np.testing.assert_allclose(
+    sofo_state.aux["mean_prediction"], jnp.mean(models.mlp(params, x)), rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    sofo_state.diagnostics.loss, losses.mse(models.mlp(params, x), y).value, rtol=1e-6
+  )
   assert jax.tree.structure(state) == jax.tree.structure(new_state)
 
 
@@ -364,7 +406,9 @@ def test_forward_gradient_accepts_loss_objects_and_plain_scalars():
   state = opt.init(params)
   u_obj, _ = opt.update(None, state, params, loss_fn=loss_fn)
   u_plain, _ = opt.update(None, state, params, loss_fn=lambda p: loss_fn(p).value)
-  np.testing.assert_allclose(ravel_pytree(u_obj)[0], ravel_pytree(u_plain)[0], rtol=1e-6)
+  np.testing.assert_allclose(
+    ravel_pytree(u_obj)[0], ravel_pytree(u_plain)[0], rtol=1e-6
+  )
 
 
 def test_sketch_accepts_sampled_tangents_for_partitioned_equinox_modules():

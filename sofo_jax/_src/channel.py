@@ -27,7 +27,8 @@ output goes through :func:`forward_only`, whose reverse rule raises.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +39,7 @@ from sofo_jax._src import spmd
 TANGENT_AXIS = "sofo_jax_tangents"
 
 
-def num_tangents_in_scope() -> Optional[int]:
+def num_tangents_in_scope() -> int | None:
   """Returns K when traced inside a SOFO sketch, else ``None``."""
   try:
     size = jax.lax.axis_size(TANGENT_AXIS)
@@ -51,11 +52,11 @@ def num_tangents_in_scope() -> Optional[int]:
 
 
 REVERSE_MODE_MESSAGE = (
-    "Reverse-mode differentiation (jax.grad, jax.vjp, jax.linearize) through "
-    "the curvature channel of a sofo_jax loss is not supported: the "
-    "Gauss-Newton rows it carries are not linear in the tangents, so a "
-    "transposed rule would give wrong numbers. Differentiate the loss outside "
-    "the SOFO step instead (e.g. jax.grad(lambda p: loss_fn(p).value))."
+  "Reverse-mode differentiation (jax.grad, jax.vjp, jax.linearize) through "
+  "the curvature channel of a sofo_jax loss is not supported: the "
+  "Gauss-Newton rows it carries are not linear in the tangents, so a "
+  "transposed rule would give wrong numbers. Differentiate the loss outside "
+  "the SOFO step instead (e.g. jax.grad(lambda p: loss_fn(p).value))."
 )
 
 
@@ -80,11 +81,9 @@ forward_only.defvjp(_forward_only_fwd, _forward_only_bwd)
 class CurvatureSpec(Protocol):
   """A loss value and the product of its output-space Hessian with a vector."""
 
-  def value(self, outputs: Any, data: Any) -> Array:
-    ...
+  def value(self, outputs: Any, data: Any) -> Array: ...
 
-  def hessian_vector_product(self, outputs: Any, data: Any, vector: Any) -> Any:
-    ...
+  def hessian_vector_product(self, outputs: Any, data: Any, vector: Any) -> Any: ...
 
 
 def _contract_with_all(gathered, own) -> Float[Array, " k"]:
@@ -94,8 +93,10 @@ def _contract_with_all(gathered, own) -> Float[Array, " k"]:
   lanes by ``vmap``, it becomes one (K × n) @ (n × K) matrix product instead
   of a K × K × n elementwise temporary.
   """
+
   def leaf(g, o):
     return g.reshape(g.shape[0], -1) @ o.reshape(-1)
+
   rows = jax.tree.map(leaf, gathered, own)
   return functools.reduce(jnp.add, jax.tree.leaves(rows))
 
@@ -138,8 +139,8 @@ def evaluate(spec: CurvatureSpec, outputs, data) -> tuple[Array, Array]:
 
 
 def from_functions(
-    value_fn: Callable[[Any, Any], Array],
-    hvp_fn: Callable[[Any, Any, Any], Any],
+  value_fn: Callable[[Any, Any], Array],
+  hvp_fn: Callable[[Any, Any, Any], Any],
 ) -> CurvatureSpec:
   """Builds a :class:`CurvatureSpec` from two plain functions."""
   return _FunctionSpec(value_fn, hvp_fn)

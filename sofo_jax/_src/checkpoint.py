@@ -54,7 +54,8 @@ import shutil
 import time
 import uuid
 import warnings
-from typing import Any, Callable, NamedTuple, Optional, Union
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -67,7 +68,7 @@ _MANIFEST = "metadata"
 _MAX_LISTED = 8
 _MAX_MESSAGE = 2000  # bytes of an error message shared between processes
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 class Checkpoint(NamedTuple):
@@ -93,8 +94,8 @@ def _orbax():
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   except ImportError as error:
     raise ImportError(
-        "sofo_jax.checkpoint needs orbax-checkpoint: pip install "
-        "'sofo_jax[checkpoint]' (or pip install orbax-checkpoint)."
+      "sofo_jax.checkpoint needs orbax-checkpoint: pip install "
+      "'sofo_jax[checkpoint]' (or pip install orbax-checkpoint)."
     ) from error
   return ocp
 
@@ -111,8 +112,11 @@ def _where_different(a: str, b: str, context: int = 60) -> tuple[str, str]:
   """The two strings around the first character where they differ."""
   start = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
   start = max(start - context, 0)
-  cut = lambda s: ("..." if start else "") + s[start:start + 2 * context] + (
-      "..." if len(s) > start + 2 * context else "")
+  cut = lambda s: (
+    ("..." if start else "")
+    + s[start : start + 2 * context]
+    + ("..." if len(s) > start + 2 * context else "")
+  )
   return cut(a), cut(b)
 
 
@@ -125,10 +129,14 @@ def _listed(items: list) -> str:
 def _check_step(step: Any) -> int:
   """The step as a Python int; a bool or non-integer value is refused, not truncated."""
   array = np.asarray(step)
-  if array.shape != () or array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
+  if (
+    array.shape != ()
+    or array.dtype == np.bool_
+    or not np.issubdtype(array.dtype, np.integer)
+  ):
     raise TypeError(
-        "checkpoint.save: step must be an integer (a Python int or an integer "
-        f"scalar such as opt_state's count); got {step!r} of dtype {array.dtype}."
+      "checkpoint.save: step must be an integer (a Python int or an integer "
+      f"scalar such as opt_state's count); got {step!r} of dtype {array.dtype}."
     )
   return int(array)
 
@@ -193,13 +201,15 @@ def _stored(leaf: Any, path: str) -> tuple[Any, dict]:
   entry = {"path": path, "key_impl": None}
   if isinstance(leaf, jax.core.Tracer):
     raise TypeError(
-        f"Leaf {path} is a traced value: checkpoint.save runs outside jax.jit "
-        "(call it on the arrays the jitted step returns).")
+      f"Leaf {path} is a traced value: checkpoint.save runs outside jax.jit "
+      "(call it on the arrays the jitted step returns)."
+    )
   if isinstance(leaf, jax.Array):
     if leaf.is_deleted():
       raise ValueError(
-          f"Leaf {path} is a deleted array (donated to a jitted call?); "
-          "nothing was saved.")
+        f"Leaf {path} is a deleted array (donated to a jitted call?); "
+        "nothing was saved."
+      )
     entry.update(shape=list(leaf.shape), dtype=_dtype_name(leaf.dtype))
     if _is_key(leaf.dtype):
       entry["key_impl"] = str(jax.random.key_impl(leaf))
@@ -209,15 +219,17 @@ def _stored(leaf: Any, path: str) -> tuple[Any, dict]:
     value = np.asarray(leaf)
     if value.dtype.kind in "OSUMm" or value.dtype.names is not None:
       raise TypeError(
-          f"Leaf {path} is a NumPy array of dtype {value.dtype}, which cannot "
-          "be saved; checkpoints hold numeric arrays only.")
+        f"Leaf {path} is a NumPy array of dtype {value.dtype}, which cannot "
+        "be saved; checkpoints hold numeric arrays only."
+      )
     entry.update(shape=list(value.shape), dtype=_dtype_name(value.dtype))
   else:
     raise TypeError(
-        f"Leaf {path} is a {type(leaf).__name__}, which cannot be saved: "
-        "checkpoints hold arrays and Python numbers only. Mark such fields "
-        "static (eqx.field(static=True)) or save only the arrays "
-        "(eqx.filter(model, eqx.is_array)). Nothing was saved.")
+      f"Leaf {path} is a {type(leaf).__name__}, which cannot be saved: "
+      "checkpoints hold arrays and Python numbers only. Mark such fields "
+      "static (eqx.field(static=True)) or save only the arrays "
+      "(eqx.filter(model, eqx.is_array)). Nothing was saved."
+    )
   if value.size == 0:
     # orbax cannot store size-0 arrays; the shape and dtype say it all.
     entry.update(stored=False, sha256=None)
@@ -227,7 +239,7 @@ def _stored(leaf: Any, path: str) -> tuple[Any, dict]:
   return value, entry
 
 
-def _visible_digest(value: Any) -> Optional[str]:
+def _visible_digest(value: Any) -> str | None:
   """SHA-256 of a value's bytes, or None where this process cannot see it all.
 
   A leaf split across processes has no single place where all its bytes
@@ -251,12 +263,12 @@ def _prepare(params: Any, opt_state: Any, step: int) -> tuple[dict, dict]:
       arrays[path] = value
     entries.append(entry)
   body = {
-      "format": _FORMAT,
-      "version": _VERSION,
-      "step": step,
-      "structure": _structure(treedef),
-      "leaves": entries,
-      "jax_version": jax.__version__,
+    "format": _FORMAT,
+    "version": _VERSION,
+    "step": step,
+    "structure": _structure(treedef),
+    "leaves": entries,
+    "jax_version": jax.__version__,
   }
   # The seal: a checksum over the manifest itself, which orbax does not have.
   manifest = {"format": _FORMAT, "body": body, "sha256": _json_digest(body)}
@@ -277,16 +289,19 @@ def _unseal(raw: Any, where: str) -> dict:
   """The manifest's body, once its checksum, format and version check out."""
   if not isinstance(raw, dict) or raw.get("format") != _FORMAT:
     raise _Corrupted(
-        f"{where} is not a sofo_jax checkpoint (or its metadata is corrupted).")
+      f"{where} is not a sofo_jax checkpoint (or its metadata is corrupted)."
+    )
   body = raw.get("body")
   if not isinstance(body, dict) or raw.get("sha256") != _json_digest(body):
     raise _Corrupted(
-        f"The checkpoint at {where} is corrupted: its metadata does not match "
-        "the checksum recorded when it was saved.")
+      f"The checkpoint at {where} is corrupted: its metadata does not match "
+      "the checksum recorded when it was saved."
+    )
   if body.get("version") != _VERSION:
     raise ValueError(
-        f"The checkpoint at {where} has format version {body.get('version')}; "
-        f"this sofo_jax reads version {_VERSION}.")
+      f"The checkpoint at {where} has format version {body.get('version')}; "
+      f"this sofo_jax reads version {_VERSION}."
+    )
   return body
 
 
@@ -297,8 +312,9 @@ def _expected(leaf: Any) -> tuple[tuple, str]:
   return tuple(shape), _dtype_name(dtype)
 
 
-def _check_matches(where: str, body: dict, paths: list, structure: str,
-                   expected: list) -> None:
+def _check_matches(
+  where: str, body: dict, paths: list, structure: str, expected: list
+) -> None:
   """Raises ValueError naming every difference between checkpoint and ``like``."""
   saved = body["leaves"]
   saved_paths = [leaf["path"] for leaf in saved]
@@ -313,27 +329,30 @@ def _check_matches(where: str, body: dict, paths: list, structure: str,
     if not only_saved and not only_like:
       detail += "; the same leaves in a different order"
     raise ValueError(
-        f"The checkpoint at {where} does not match the structure of `like` "
-        f"({detail}). Restore into a tree built by the same code (same model, "
-        "same optimizer chain).")
+      f"The checkpoint at {where} does not match the structure of `like` "
+      f"({detail}). Restore into a tree built by the same code (same model, "
+      "same optimizer chain)."
+    )
   if body["structure"] != structure:
     saved_def, like_def = _where_different(body["structure"], structure)
     raise ValueError(
-        f"The checkpoint at {where} has the same leaves as `like` but a "
-        "different tree structure (container types differ). First "
-        f"difference:\n  checkpoint: {saved_def}\n  like:       {like_def}")
+      f"The checkpoint at {where} has the same leaves as `like` but a "
+      "different tree structure (container types differ). First "
+      f"difference:\n  checkpoint: {saved_def}\n  like:       {like_def}"
+    )
   mismatched = [
-      f"{leaf['path']}: checkpoint {tuple(leaf['shape'])} {leaf['dtype']}, "
-      f"like {shape} {dtype}"
-      for leaf, (shape, dtype) in zip(saved, expected)
-      if tuple(leaf["shape"]) != shape or leaf["dtype"] != dtype
+    f"{leaf['path']}: checkpoint {tuple(leaf['shape'])} {leaf['dtype']}, "
+    f"like {shape} {dtype}"
+    for leaf, (shape, dtype) in zip(saved, expected)
+    if tuple(leaf["shape"]) != shape or leaf["dtype"] != dtype
   ]
   if mismatched:
     raise ValueError(
-        f"The checkpoint at {where} does not match `like` in the shape or dtype "
-        f"of {len(mismatched)} leaves: {_listed(mismatched)}. (The optimizer "
-        "state's shapes depend on its settings: num_tangents is the length "
-        "of the diagnostics' eigenvalues.)")
+      f"The checkpoint at {where} does not match `like` in the shape or dtype "
+      f"of {len(mismatched)} leaves: {_listed(mismatched)}. (The optimizer "
+      "state's shapes depend on its settings: num_tangents is the length "
+      "of the diagnostics' eigenvalues.)"
+    )
 
 
 def _stored_shape(like: Any, entry: dict) -> tuple[tuple, Any]:
@@ -353,7 +372,11 @@ def _target(like: Any, entry: dict) -> Any:
   """
   shape, dtype = _stored_shape(like, entry)
   sharding = getattr(like, "sharding", None)
-  if sharding is not None and entry["key_impl"] is not None and isinstance(like, jax.Array):
+  if (
+    sharding is not None
+    and entry["key_impl"] is not None
+    and isinstance(like, jax.Array)
+  ):
     sharding = jax.random.key_data(like).sharding
   if sharding is not None:
     return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
@@ -380,8 +403,9 @@ def _read_arrays(read: Callable[[Any], dict], where: str, args: Any) -> dict:
     return dict(read(_orbax().args.Composite(**{_ARRAYS: args}))[_ARRAYS])
   except Exception as error:  # orbax / tensorstore raise many kinds
     raise _Corrupted(
-        f"The checkpoint at {where} is corrupted or incomplete: its arrays "
-        f"could not be read ({_short(error)}).") from error
+      f"The checkpoint at {where} is corrupted or incomplete: its arrays "
+      f"could not be read ({_short(error)})."
+    ) from error
 
 
 def _restore_from(read: Callable[[Any], dict], where: str, like: Any) -> Checkpoint:
@@ -393,17 +417,23 @@ def _restore_from(read: Callable[[Any], dict], where: str, like: Any) -> Checkpo
     raw = read(ocp.args.Composite(**{_MANIFEST: ocp.args.JsonRestore()}))[_MANIFEST]
   except Exception as error:  # orbax raises many kinds; all mean the same
     raise _Corrupted(
-        f"The checkpoint at {where} is corrupted or incomplete: its metadata "
-        f"could not be read ({_short(error)}).") from error
+      f"The checkpoint at {where} is corrupted or incomplete: its metadata "
+      f"could not be read ({_short(error)})."
+    ) from error
   if isinstance(raw, dict) and raw.get("format") == _FORMAT and raw.get("version") == 1:
     return _restore_version_1(read, where, raw, leaves, paths, treedef, expected)
   body = _unseal(raw, where)
   _check_matches(where, body, paths, _structure(treedef), expected)
 
   entries = body["leaves"]
-  targets = {entry["path"]: _target(like_leaf, entry)
-             for entry, like_leaf in zip(entries, leaves) if entry["stored"]}
-  arrays = _read_arrays(read, where, ocp.args.StandardRestore(targets)) if targets else {}
+  targets = {
+    entry["path"]: _target(like_leaf, entry)
+    for entry, like_leaf in zip(entries, leaves)
+    if entry["stored"]
+  }
+  arrays = (
+    _read_arrays(read, where, ocp.args.StandardRestore(targets)) if targets else {}
+  )
 
   values = []
   for entry, like_leaf in zip(entries, leaves):
@@ -415,14 +445,16 @@ def _restore_from(read: Callable[[Any], dict], where: str, like: Any) -> Checkpo
       value = arrays.get(entry["path"])
       if value is None:
         raise _Corrupted(
-            f"The checkpoint at {where} is corrupted: the data of "
-            f"{entry['path']} is missing.")
+          f"The checkpoint at {where} is corrupted: the data of "
+          f"{entry['path']} is missing."
+        )
       digest = _visible_digest(value) if entry["sha256"] else None
       if digest is not None and digest != entry["sha256"]:
         raise _Corrupted(
-            f"The checkpoint at {where} is corrupted: the data of "
-            f"{entry['path']} does not match the checksum recorded when it "
-            "was saved.")
+          f"The checkpoint at {where} is corrupted: the data of "
+          f"{entry['path']} does not match the checksum recorded when it "
+          "was saved."
+        )
       if entry["key_impl"]:
         value = jax.random.wrap_key_data(value, impl=entry["key_impl"])
     values.append(_like_leaf(value, like_leaf))
@@ -430,8 +462,9 @@ def _restore_from(read: Callable[[Any], dict], where: str, like: Any) -> Checkpo
   return Checkpoint(tree["params"], tree["opt_state"], int(body["step"]))
 
 
-def _restore_version_1(read, where: str, raw: dict, leaves: list, paths: list,
-                       treedef, expected: list) -> Checkpoint:
+def _restore_version_1(
+  read, where: str, raw: dict, leaves: list, paths: list, treedef, expected: list
+) -> Checkpoint:
   """Reads a checkpoint of the first format, so that no saved run is lost.
 
   Version 1 stored the arrays as ``leaf_00000``, ... and the structure as
@@ -443,23 +476,34 @@ def _restore_version_1(read, where: str, raw: dict, leaves: list, paths: list,
   ocp = _orbax()
   manifest = raw.get("leaves")
   if not isinstance(manifest, list) or not isinstance(raw.get("step"), int):
-    raise _Corrupted(f"The checkpoint at {where} is corrupted: its metadata is incomplete.")
+    raise _Corrupted(
+      f"The checkpoint at {where} is corrupted: its metadata is incomplete."
+    )
   # The structure string is not comparable (see above): compare leaves only.
   _check_matches(where, {"leaves": manifest, "structure": ""}, paths, "", expected)
   names = [entry["name"] for entry in manifest if entry["name"]]
   arrays = {}
   if names:
     restore_args = {name: ocp.RestoreArgs(restore_type=np.ndarray) for name in names}
-    arrays = _read_arrays(read, where, ocp.args.PyTreeRestore(restore_args=restore_args))
+    arrays = _read_arrays(
+      read, where, ocp.args.PyTreeRestore(restore_args=restore_args)
+    )
   values = []
   for entry, (shape, dtype), like_leaf in zip(manifest, expected, leaves):
-    value = (np.zeros(shape, dtype) if entry["name"] is None
-             else np.asarray(arrays.get(entry["name"], np.zeros(0))))
-    if value.shape != shape or _dtype_name(value.dtype) != dtype or (
-        _digest(value) != entry["sha256"]):
+    value = (
+      np.zeros(shape, dtype)
+      if entry["name"] is None
+      else np.asarray(arrays.get(entry["name"], np.zeros(0)))
+    )
+    if (
+      value.shape != shape
+      or _dtype_name(value.dtype) != dtype
+      or (_digest(value) != entry["sha256"])
+    ):
       raise _Corrupted(
-          f"The checkpoint at {where} is corrupted: the data of {entry['path']} "
-          "does not match the checksum recorded when it was saved.")
+        f"The checkpoint at {where} is corrupted: the data of {entry['path']} "
+        "does not match the checksum recorded when it was saved."
+      )
     values.append(_like_leaf(value, like_leaf))
   tree = jax.tree.unflatten(treedef, values)
   return Checkpoint(tree["params"], tree["opt_state"], raw["step"])
@@ -468,8 +512,9 @@ def _restore_version_1(read, where: str, raw: dict, leaves: list, paths: list,
 def _check_like(like: Any, caller: str) -> None:
   if not (isinstance(like, tuple) and len(like) == 2):
     raise TypeError(
-        f"{caller}(..., like=(params, opt_state)): `like` must be a pair; got "
-        f"{type(like).__name__}.")
+      f"{caller}(..., like=(params, opt_state)): `like` must be a pair; got "
+      f"{type(like).__name__}."
+    )
 
 
 # Several processes: process 0 decides, every process learns the outcome -------
@@ -489,25 +534,29 @@ def _from_process_zero(fn: Callable[[], Any]) -> Any:
   if jax.process_count() == 1:
     return fn()
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   code, payload, error = 0, b"", None
   if jax.process_index() == 0:
     try:
       payload = fn() or b""
     except Exception as caught:  # shared with the other processes below
       error = caught
-      code = 1 + next(i for i, kind in enumerate(_SHARED_ERRORS + (Exception,))
-                      if isinstance(caught, kind))
+      code = 1 + next(
+        i
+        for i, kind in enumerate((*_SHARED_ERRORS, Exception))
+        if isinstance(caught, kind)
+      )
       payload = _short(caught, _MAX_MESSAGE).encode()[:_MAX_MESSAGE]
   buffer = np.zeros(_MAX_MESSAGE + 2, np.int32)
   buffer[0], buffer[1] = code, len(payload)
-  buffer[2:2 + len(payload)] = np.frombuffer(payload, np.uint8)
+  buffer[2 : 2 + len(payload)] = np.frombuffer(payload, np.uint8)
   buffer = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
   if error is not None:
     raise error
   code, size = int(buffer[0]), int(buffer[1])
-  payload = bytes(buffer[2:2 + size].astype(np.uint8))
+  payload = bytes(buffer[2 : 2 + size].astype(np.uint8))
   if code:
-    kind = (_SHARED_ERRORS + (RuntimeError,))[code - 1]
+    kind = ((*_SHARED_ERRORS, RuntimeError))[code - 1]
     raise kind(f"(on process 0) {payload.decode(errors='replace')}")
   return payload or None
 
@@ -530,22 +579,25 @@ def _check_destination(path: pathlib.Path, overwrite: bool) -> None:
     return
   if not overwrite:
     raise FileExistsError(
-        f"A checkpoint already exists at {path}; pass overwrite=True to "
-        "replace it.")
+      f"A checkpoint already exists at {path}; pass overwrite=True to replace it."
+    )
   if path.is_symlink():
     raise FileExistsError(
-        f"{path} is a symbolic link; overwrite=True would replace the link, "
-        f"not the checkpoint it points to. Save to {os.path.realpath(path)} "
-        "instead. Nothing was written.")
+      f"{path} is a symbolic link; overwrite=True would replace the link, "
+      f"not the checkpoint it points to. Save to {os.path.realpath(path)} "
+      "instead. Nothing was written."
+    )
   if not path.is_dir():
     raise FileExistsError(
-        f"{path} is a file, not a checkpoint; overwrite=True replaces only "
-        "checkpoints. Nothing was written.")
+      f"{path} is a file, not a checkpoint; overwrite=True replaces only "
+      "checkpoints. Nothing was written."
+    )
   if not _looks_like_checkpoint(path):
     raise FileExistsError(
-        f"{path} is a directory that is not a checkpoint; overwrite=True "
-        "replaces only checkpoints (it would delete what is there). Nothing "
-        "was written.")
+      f"{path} is a directory that is not a checkpoint; overwrite=True "
+      "replaces only checkpoints (it would delete what is there). Nothing "
+      "was written."
+    )
 
 
 def _rename_onto_new(source: pathlib.Path, path: pathlib.Path) -> None:
@@ -561,13 +613,15 @@ def _rename_onto_new(source: pathlib.Path, path: pathlib.Path) -> None:
   except OSError as error:
     if os.path.lexists(path):
       raise FileExistsError(
-          f"Another save created a checkpoint at {path} while this one was "
-          "writing; that one was kept and this one discarded.") from error
+        f"Another save created a checkpoint at {path} while this one was "
+        "writing; that one was kept and this one discarded."
+      ) from error
     raise
 
 
-def _publish(staging: pathlib.Path, path: pathlib.Path, overwrite: bool,
-             token: str) -> None:
+def _publish(
+  staging: pathlib.Path, path: pathlib.Path, overwrite: bool, token: str
+) -> None:
   """Moves the complete checkpoint ``staging`` to ``path``."""
   if not (overwrite and os.path.lexists(path)):
     _rename_onto_new(staging, path)
@@ -635,12 +689,12 @@ def _recoverable(path: pathlib.Path) -> list:
 
 
 def save(
-    path: PathLike,
-    params: Any,
-    opt_state: Any,
-    step: int = 0,
-    *,
-    overwrite: bool = False,
+  path: PathLike,
+  params: Any,
+  opt_state: Any,
+  step: int = 0,
+  *,
+  overwrite: bool = False,
 ) -> pathlib.Path:
   """Saves params, optimizer state and step number to a directory.
 
@@ -754,9 +808,11 @@ def restore(path: PathLike, *, like: tuple[Any, Any]) -> Checkpoint:
     raise FileNotFoundError(f"No checkpoint at {path}.")
 
   for index, directory in enumerate(candidates):
+
     def read(args, directory=directory):
       with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
         return checkpointer.restore(directory, args=args)
+
     try:
       restored = _restore_from(read, str(directory), like)
     except _Corrupted:
@@ -765,9 +821,11 @@ def restore(path: PathLike, *, like: tuple[Any, Any]) -> Checkpoint:
       continue
     if directory != path:
       warnings.warn(
-          f"No checkpoint at {path}: an overwrite was interrupted. Restored "
-          f"the one it left at {directory}; move it to {path} to keep it.",
-          RuntimeWarning, stacklevel=2)
+        f"No checkpoint at {path}: an overwrite was interrupted. Restored "
+        f"the one it left at {directory}; move it to {path} to keep it.",
+        RuntimeWarning,
+        stacklevel=2,
+      )
     return restored
   raise AssertionError("unreachable")
 
@@ -805,16 +863,22 @@ class Manager:
     (30, [20, 30])
   """
 
-  def __init__(self, directory: PathLike, *, max_to_keep: Optional[int] = None,
-               async_save: bool = False):
+  def __init__(
+    self,
+    directory: PathLike,
+    *,
+    max_to_keep: int | None = None,
+    async_save: bool = False,
+  ):
     ocp = _orbax()
     self._ocp = ocp
     self.directory = pathlib.Path(os.path.abspath(os.fspath(directory)))
     self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-            create=True))
+      self.directory,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
+      ),
+    )
 
   def save(self, step: int, params: Any, opt_state: Any) -> None:
     """Saves one step (asynchronously if the manager was made so).
@@ -828,11 +892,12 @@ class Manager:
     arrays, manifest = _prepare(params, opt_state, step)
     if not self._manager.save(step, args=_composite_save(self._ocp, arrays, manifest)):
       raise ValueError(
-          f"Step {step} was not saved: the newest saved step is "
-          f"{self._manager.latest_step()} and steps must increase. To go "
-          "back, delete the later steps first (Manager.delete).")
+        f"Step {step} was not saved: the newest saved step is "
+        f"{self._manager.latest_step()} and steps must increase. To go "
+        "back, delete the later steps first (Manager.delete)."
+      )
 
-  def restore(self, *, like: tuple[Any, Any], step: Optional[int] = None) -> Checkpoint:
+  def restore(self, *, like: tuple[Any, Any], step: int | None = None) -> Checkpoint:
     """Restores ``step``, or the newest intact step, into the shape of ``like``.
 
     Args:
@@ -863,10 +928,12 @@ class Manager:
       except _Corrupted as error:
         if step is not None or candidate == min(steps):
           raise
-        warnings.warn(f"Skipping step {candidate}: {error}", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+          f"Skipping step {candidate}: {error}", RuntimeWarning, stacklevel=2
+        )
     raise AssertionError("unreachable")
 
-  def latest_step(self) -> Optional[int]:
+  def latest_step(self) -> int | None:
     """The newest committed step (not checked for corruption), or None."""
     return self._manager.latest_step()
 
@@ -886,7 +953,7 @@ class Manager:
     """Waits for pending saves and releases orbax's resources."""
     self._manager.close()
 
-  def __enter__(self) -> "Manager":
+  def __enter__(self) -> Manager:
     return self
 
   def __exit__(self, *exc_info) -> None:

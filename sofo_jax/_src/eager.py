@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax

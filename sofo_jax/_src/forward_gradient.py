@@ -58,8 +58,8 @@ def _split_output(output: Any, has_aux: bool) -> tuple[Array, Any]:
   """``(loss value, aux)`` of what the closure returned."""
   if isinstance(output, tuple) and not has_aux:
     raise TypeError(
-        "The loss closure returned a tuple; if it is (loss, aux), pass "
-        "has_aux=True (the aux is then kept in the state)."
+      "The loss closure returned a tuple; if it is (loss, aux), pass "
+      "has_aux=True (the aux is then kept in the state)."
     )
   loss, aux = sketch_lib.split_output(output, has_aux)
   value = loss.value if isinstance(loss, losses_lib.Loss) else jnp.asarray(loss)
@@ -67,13 +67,13 @@ def _split_output(output: Any, has_aux: bool) -> tuple[Array, Any]:
 
 
 def scale_by_forward_gradient(
-    num_tangents: int,
-    *,
-    key: jax.Array,
-    learning_rate: optax.ScalarOrSchedule = 1.0,
-    has_aux: bool = False,
-    aux_example: Any = None,
-    mask: Any = None,
+  num_tangents: int,
+  *,
+  key: jax.Array,
+  learning_rate: optax.ScalarOrSchedule = 1.0,
+  has_aux: bool = False,
+  aux_example: Any = None,
+  mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Forward-gradient estimate :math:`\\frac{P}{K}\\,\\Theta\\Theta^\\top\\nabla c`.
 
@@ -126,15 +126,15 @@ def scale_by_forward_gradient(
     validation.check_params(params, owner, mask)
     dtype = jnp.zeros(()).dtype
     return ScaleByForwardGradientState(
-        count=jnp.zeros((), jnp.int32),
-        key=jnp.array(key_data, copy=True),
-        diagnostics=ForwardGradientDiagnostics(
-            loss=jnp.full((), jnp.nan, dtype),
-            gradient_norm=jnp.zeros((), dtype),
-            step_is_finite=jnp.array(True),
-            num_nonfinite_steps=jnp.zeros((), jnp.int32),
-        ),
-        aux=validation.zeros_like_example(aux_example),
+      count=jnp.zeros((), jnp.int32),
+      key=jnp.array(key_data, copy=True),
+      diagnostics=ForwardGradientDiagnostics(
+        loss=jnp.full((), jnp.nan, dtype),
+        gradient_norm=jnp.zeros((), dtype),
+        step_is_finite=jnp.array(True),
+        num_nonfinite_steps=jnp.zeros((), jnp.int32),
+      ),
+      aux=validation.zeros_like_example(aux_example),
     )
 
   def update_fn(updates, state, params=None, *, loss_fn=None, **extra_args):
@@ -143,7 +143,7 @@ def scale_by_forward_gradient(
     part = validation.check_params(params, owner, mask)
     next_key, step_key = codec.split(state.key)
     tangent_leaves = tangents_lib.sample_leaves(
-        step_key, part.trainable, num_tangents, "normalized_gaussian", part.entry_masks
+      step_key, part.trainable, num_tangents, "normalized_gaussian", part.entry_masks
     )
 
     validation.warn_if_aux_changes_structure(has_aux, state.aux, owner)
@@ -156,44 +156,47 @@ def scale_by_forward_gradient(
       return value, aux, derivative
 
     value, aux, derivatives = jax.vmap(
-        directional_derivative, out_axes=(None, None, 0))(tangent_leaves)
+      directional_derivative, out_axes=(None, None, 0)
+    )(tangent_leaves)
     finite = jnp.isfinite(value) & jnp.all(jnp.isfinite(derivatives))
     scale = tree_lib.num_trainable(part) / num_tangents
     coefficients = jnp.where(finite, scale * derivatives, 0.0)
     eta = learning_rate_lib.learning_rate_at(learning_rate, state.count)
     direction, direction_is_finite = tangents_lib.zero_if_nonfinite(
-        tangents_lib.combine(coefficients, tangent_leaves), learning_rate_lib.is_usable(eta)
+      tangents_lib.combine(coefficients, tangent_leaves),
+      learning_rate_lib.is_usable(eta),
     )
     finite = finite & direction_is_finite
     dtype = jnp.zeros(()).dtype
     diagnostics = ForwardGradientDiagnostics(
-        loss=value.astype(dtype),
-        gradient_norm=solve_lib.scale_safe_norm(derivatives).astype(dtype),
-        step_is_finite=finite,
-        num_nonfinite_steps=state.diagnostics.num_nonfinite_steps
-        + jnp.where(finite, 0, 1).astype(jnp.int32),
+      loss=value.astype(dtype),
+      gradient_norm=solve_lib.scale_safe_norm(derivatives).astype(dtype),
+      step_is_finite=finite,
+      num_nonfinite_steps=state.diagnostics.num_nonfinite_steps
+      + jnp.where(finite, 0, 1).astype(jnp.int32),
     )
     new_state = ScaleByForwardGradientState(
-        count=optax.safe_increment(count),
-        key=next_key,
-        diagnostics=diagnostics,
-        aux=aux,
+      count=optax.safe_increment(count),
+      key=next_key,
+      diagnostics=diagnostics,
+      aux=aux,
     )
     return part.fill(direction, tree_lib.zero_update), new_state
 
   eager_update = eager_lib.jit_when_eager(
-      update_fn, lambda updates: validation.checked_count(updates, 0, owner))
+    update_fn, lambda updates: validation.checked_count(updates, 0, owner)
+  )
   return optax.GradientTransformationExtraArgs(init_fn, eager_update)
 
 
 def forward_gradient(
-    learning_rate: optax.ScalarOrSchedule,
-    num_tangents: int,
-    *,
-    key: jax.Array,
-    has_aux: bool = False,
-    aux_example: Any = None,
-    mask: Any = None,
+  learning_rate: optax.ScalarOrSchedule,
+  num_tangents: int,
+  *,
+  key: jax.Array,
+  has_aux: bool = False,
+  aux_example: Any = None,
+  mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Forward-gradient descent: ``chain(scale_by_forward_gradient, scale_by_learning_rate)``.
 
@@ -210,7 +213,13 @@ def forward_gradient(
     >>> params = optax.apply_updates(params, updates)
   """
   return optax.chain(
-      scale_by_forward_gradient(num_tangents, key=key, learning_rate=learning_rate,
-                                has_aux=has_aux, aux_example=aux_example, mask=mask),
-      learning_rate_lib.scale_by_learning_rate(learning_rate),
+    scale_by_forward_gradient(
+      num_tangents,
+      key=key,
+      learning_rate=learning_rate,
+      has_aux=has_aux,
+      aux_example=aux_example,
+      mask=mask,
+    ),
+    learning_rate_lib.scale_by_learning_rate(learning_rate),
   )

@@ -12,27 +12,44 @@ from __future__ import annotations
 
 import math
 import re
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 _COLLECTIVES = (
-    "all-reduce", "all-gather", "reduce-scatter", "all-to-all",
-    "collective-permute",
+  "all-reduce",
+  "all-gather",
+  "reduce-scatter",
+  "all-to-all",
+  "collective-permute",
 )
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _INSTRUCTION = re.compile(
-    r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+("
-    + "|".join(_COLLECTIVES)
-    + r")(-start)?\("
+  r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+("
+  + "|".join(_COLLECTIVES)
+  + r")(-start)?\("
 )
 _ARRAY = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
 _CALLEES = re.compile(
-    r"\b(?:body|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)"
+  r"\b(?:body|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)"
 )
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-_BITS = {"pred": 8, "bf16": 16, "f16": 16, "f32": 32, "f64": 64, "s32": 32,
-         "u32": 32, "s64": 64, "u64": 64, "s8": 8, "u8": 8, "c64": 64,
-         "c128": 128, "s16": 16, "u16": 16}
+_BITS = {
+  "pred": 8,
+  "bf16": 16,
+  "f16": 16,
+  "f32": 32,
+  "f64": 64,
+  "s32": 32,
+  "u32": 32,
+  "s64": 64,
+  "u64": 64,
+  "s8": 8,
+  "u8": 8,
+  "c64": 64,
+  "c128": 128,
+  "s16": 16,
+  "u16": 16,
+}
 
 
 class Collective(NamedTuple):
@@ -51,14 +68,14 @@ class Collective(NamedTuple):
   kind: str
   elements: int
   bytes: int
-  count: Optional[int]
+  count: int | None
   computation: str
 
 
 def _result_arrays(shape_text: str, kind: str, is_async: bool) -> list:
   arrays = [
-      (dtype, math.prod(int(d) for d in dims.split(",") if d))
-      for dtype, dims in _ARRAY.findall(shape_text)
+    (dtype, math.prod(int(d) for d in dims.split(",") if d))
+    for dtype, dims in _ARRAY.findall(shape_text)
   ]
   if is_async and kind == "all-gather" and len(arrays) == 2:
     arrays = arrays[1:]  # (operand, result) of an async all-gather
@@ -108,7 +125,7 @@ def collectives(hlo_text: str) -> list[Collective]:
 
   counts: dict = {}
 
-  def visit(name: str, count: Optional[int]) -> None:
+  def visit(name: str, count: int | None) -> None:
     previous = counts.get(name, 0)
     if previous is None or count is None:
       counts[name] = None
@@ -120,12 +137,12 @@ def collectives(hlo_text: str) -> list[Collective]:
   if entry is not None:
     visit(entry, 1)
   return [
-      Collective(kind, elements, nbytes, counts.get(comp, 0), comp)
-      for comp, kind, elements, nbytes in found
+    Collective(kind, elements, nbytes, counts.get(comp, 0), comp)
+    for comp, kind, elements, nbytes in found
   ]
 
 
-def total_elements(found: list[Collective]) -> Optional[int]:
+def total_elements(found: list[Collective]) -> int | None:
   """Elements moved per call, summed over collectives and loop iterations."""
   if any(c.count is None for c in found):
     return None

@@ -9,7 +9,7 @@ statically and used to rewrap it.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,7 @@ import numpy as np
 class KeyCodec(NamedTuple):
   """Turns a key into state data and back. ``impl`` is None for raw keys."""
 
-  impl: Optional[Any]
+  impl: Any | None
 
   def wrap(self, data: jax.Array) -> jax.Array:
     if self.impl is None:
@@ -66,8 +66,7 @@ def check_key(key: Any, owner: str) -> tuple[Any, KeyCodec]:
   """
   if not isinstance(key, jax.Array) and not hasattr(key, "dtype"):
     raise TypeError(
-        f"{owner} needs a PRNG key, e.g. key=jax.random.key(0); got "
-        f"{type(key).__name__}."
+      f"{owner} needs a PRNG key, e.g. key=jax.random.key(0); got {type(key).__name__}."
     )
   if _is_typed(key):
     if key.shape != ():
@@ -77,9 +76,9 @@ def check_key(key: Any, owner: str) -> tuple[Any, KeyCodec]:
   expected = _default_key_shape()
   if key.dtype != jnp.uint32 or key.shape != expected:
     raise TypeError(
-        f"{owner} needs a PRNG key (jax.random.key(seed), or a raw "
-        f"jax.random.PRNGKey(seed): uint32 of shape {expected}); got an array "
-        f"of dtype {key.dtype} and shape {key.shape}. For a batch of keys, "
-        "build one optimizer per key (e.g. inside jax.vmap)."
+      f"{owner} needs a PRNG key (jax.random.key(seed), or a raw "
+      f"jax.random.PRNGKey(seed): uint32 of shape {expected}); got an array "
+      f"of dtype {key.dtype} and shape {key.shape}. For a batch of keys, "
+      "build one optimizer per key (e.g. inside jax.vmap)."
     )
   return _host_copy(key), KeyCodec(None)

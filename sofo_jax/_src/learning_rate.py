@@ -32,7 +32,9 @@ def _usable_or_zero(eta: ArrayLike) -> Array:
   return jnp.where(is_usable(eta), eta, jnp.zeros_like(jnp.asarray(eta)))
 
 
-def scale_by_learning_rate(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformation:
+def scale_by_learning_rate(
+  learning_rate: optax.ScalarOrSchedule,
+) -> optax.GradientTransformation:
   """``optax.scale_by_learning_rate``, with an unusable rate giving a zero step.
 
   The state has the same structure as optax's (a schedule keeps a count, a

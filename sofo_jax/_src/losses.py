@@ -39,7 +39,8 @@ so the choice only changes how steps and trials weigh against each other.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -82,42 +83,44 @@ class Loss(eqx.Module):
   value: Float[Array, ""]
   curvature: Float[Array, " k"]
 
-  def __add__(self, other: Union["Loss", int, float]) -> "Loss":
-    if isinstance(other, (int, float)) and not isinstance(other, bool):
-      if other == 0:  # lets the built-in sum() start from 0
-        return self
+  def __add__(self, other: Loss | int | float) -> Loss:
+    # 0 lets the built-in sum() start from 0.
+    if isinstance(other, (int, float)) and not isinstance(other, bool) and other == 0:
+      return self
     if not isinstance(other, Loss):
       raise TypeError(
-          "A sofo_jax Loss can only be added to another Loss (or to 0). Got "
-          f"{type(other).__name__}. To add a term whose curvature SOFO should "
-          "see, wrap it: sofo_jax.losses.custom(outputs, fn)."
+        "A sofo_jax Loss can only be added to another Loss (or to 0). Got "
+        f"{type(other).__name__}. To add a term whose curvature SOFO should "
+        "see, wrap it: sofo_jax.losses.custom(outputs, fn)."
       )
     if self.curvature.shape != other.curvature.shape:
       raise ValueError(
-          "Cannot add losses built inside and outside a SOFO step (curvature "
-          f"channels of shapes {self.curvature.shape} and "
-          f"{other.curvature.shape}). Build every loss inside the loss "
-          "closure, and start sums from sofo_jax.losses.zero() created there."
+        "Cannot add losses built inside and outside a SOFO step (curvature "
+        f"channels of shapes {self.curvature.shape} and "
+        f"{other.curvature.shape}). Build every loss inside the loss "
+        "closure, and start sums from sofo_jax.losses.zero() created there."
       )
     return Loss(self.value + other.value, self.curvature + other.curvature)
 
   __radd__ = __add__
 
-  def __mul__(self, scale: ArrayLike) -> "Loss":
+  def __mul__(self, scale: ArrayLike) -> Loss:
     scale = _check_scale(scale, self.value.dtype)
     return Loss(scale * self.value, scale * self.curvature)
 
   __rmul__ = __mul__
 
-  def __truediv__(self, scale: ArrayLike) -> "Loss":
+  def __truediv__(self, scale: ArrayLike) -> Loss:
     return self * (1.0 / _check_scale(scale, self.value.dtype))
 
   def __str__(self) -> str:
     # jax.grad formats a non-scalar output with str() into its error
     # ("Output was ..."), the one place a user who differentiated a
     # Loss-returning closure looks; so str(), unlike repr(), says what to do.
-    return (f"{self!r} (a sofo_jax Loss; its number is .value, e.g. "
-            "jax.grad(lambda p: loss_fn(p).value) or float(loss))")
+    return (
+      f"{self!r} (a sofo_jax Loss; its number is .value, e.g. "
+      "jax.grad(lambda p: loss_fn(p).value) or float(loss))"
+    )
 
   def __float__(self) -> float:
     # Not __array__/__jax_array__: a Loss must never turn into an array
@@ -128,7 +131,7 @@ class Loss(eqx.Module):
 def _is_real(dtype) -> bool:
   """Bool, integer or floating: what a scale or a weight may be."""
   return dtype == jnp.bool_ or any(
-      jnp.issubdtype(dtype, kind) for kind in (jnp.integer, jnp.floating)
+    jnp.issubdtype(dtype, kind) for kind in (jnp.integer, jnp.floating)
   )
 
 
@@ -138,11 +141,11 @@ def _check_scale(scale, dtype) -> Array:
   scale = jnp.asarray(scale)
   if scale.shape != () or not _is_real(scale.dtype):
     raise TypeError(
-        "A Loss can only be scaled by a real scalar (a number, a bool or a "
-        f"0-d array); got an array of shape {scale.shape} and dtype "
-        f"{scale.dtype}. To weight or mask batch elements, pass weights= to "
-        "the loss (e.g. sofo_jax.losses.mse(y, t, weights=mask)); to scale "
-        "per-step losses, multiply each by its own scalar."
+      "A Loss can only be scaled by a real scalar (a number, a bool or a "
+      f"0-d array); got an array of shape {scale.shape} and dtype "
+      f"{scale.dtype}. To weight or mask batch elements, pass weights= to "
+      "the loss (e.g. sofo_jax.losses.mse(y, t, weights=mask)); to scale "
+      "per-step losses, multiply each by its own scalar."
     )
   if scale.dtype == jnp.bool_:  # a mask such as (t >= t0)
     return scale.astype(dtype)
@@ -154,10 +157,10 @@ def _check_scale(scale, dtype) -> Array:
     return jnp.where(scale >= 0, scale, jnp.nan)
   if negative:
     raise ValueError(
-        f"A Loss can only be scaled by a non-negative number; got {scale}. A "
-        "negative scale would make the Gauss–Newton matrix indefinite. To "
-        "maximise a quantity, minimise a loss of its negation built with "
-        "sofo_jax.losses.custom."
+      f"A Loss can only be scaled by a non-negative number; got {scale}. A "
+      "negative scale would make the Gauss–Newton matrix indefinite. To "
+      "maximise a quantity, minimise a loss of its negation built with "
+      "sofo_jax.losses.custom."
     )
   return scale
 
@@ -204,12 +207,12 @@ def _floating(name: str, x) -> Array:
 def _check_same_shape(loss: str, outputs: Array, targets: Array) -> None:
   if outputs.shape != targets.shape:
     raise ValueError(
-        f"{loss}: outputs of shape {outputs.shape} and targets of shape "
-        f"{targets.shape} do not match."
+      f"{loss}: outputs of shape {outputs.shape} and targets of shape "
+      f"{targets.shape} do not match."
     )
 
 
-def _batch_weights(loss: str, weights, outputs: Array) -> Optional[Array]:
+def _batch_weights(loss: str, weights, outputs: Array) -> Array | None:
   """Validated weights, shaped ``batch + (1,)`` to scale per-feature terms.
 
   Checked at trace time: the dtype and shape always, the sign only when the
@@ -220,8 +223,7 @@ def _batch_weights(loss: str, weights, outputs: Array) -> Optional[Array]:
   weights = jnp.asarray(weights)
   if not _is_real(weights.dtype):
     raise TypeError(
-        f"{loss}: weights must be real (bool, integer or floating); got "
-        f"{weights.dtype}."
+      f"{loss}: weights must be real (bool, integer or floating); got {weights.dtype}."
     )
   batch_shape = outputs.shape[:-1]
   try:
@@ -230,18 +232,18 @@ def _batch_weights(loss: str, weights, outputs: Array) -> Optional[Array]:
     fits = False
   if not fits:
     raise ValueError(
-        f"{loss}: weights of shape {weights.shape} do not broadcast to the "
-        f"batch shape {batch_shape} (outputs of shape {outputs.shape} "
-        "without the last, feature axis): there is one weight per example, "
-        "shared by its features."
+      f"{loss}: weights of shape {weights.shape} do not broadcast to the "
+      f"batch shape {batch_shape} (outputs of shape {outputs.shape} "
+      "without the last, feature axis): there is one weight per example, "
+      "shared by its features."
     )
   if not isinstance(weights, jax.core.Tracer):
     concrete = np.asarray(weights)
     bad = ~(concrete >= 0)  # NaN is bad too
     if bad.any():
       raise ValueError(
-          f"{loss}: weights must be non-negative (else the Gauss–Newton "
-          f"matrix is not positive semi-definite); got {concrete[bad][0]}."
+        f"{loss}: weights must be non-negative (else the Gauss–Newton "
+        f"matrix is not positive semi-definite); got {concrete[bad][0]}."
       )
   weights = jnp.broadcast_to(weights.astype(outputs.dtype), batch_shape)
   return weights[..., None] if outputs.ndim else weights
@@ -251,7 +253,7 @@ def _batch_count(x: Array) -> int:
   return math.prod(x.shape[:-1]) if x.ndim > 1 else 1
 
 
-def _weighted_batch_mean(per_feature: Array, weights: Optional[Array]) -> Array:
+def _weighted_batch_mean(per_feature: Array, weights: Array | None) -> Array:
   """:math:`\\frac1B \\sum_b w_b \\sum_f x_{bf}`: the value's reduction."""
   if weights is not None:
     per_feature = weights * per_feature
@@ -261,7 +263,7 @@ def _weighted_batch_mean(per_feature: Array, weights: Optional[Array]) -> Array:
   return (total / _batch_count(per_feature)).astype(per_feature.dtype)
 
 
-def _weighted_rows(per_feature: Array, weights: Optional[Array]) -> Array:
+def _weighted_rows(per_feature: Array, weights: Array | None) -> Array:
   """:math:`w_b x_{bf} / B`: the same reduction's factor on a Hessian product."""
   if weights is not None:
     per_feature = weights * per_feature
@@ -286,7 +288,7 @@ _MSE = channel.from_functions(_mse_value, _mse_hvp)
 
 
 def mse(
-    outputs: ArrayLike, targets: ArrayLike, *, weights: Optional[ArrayLike] = None
+  outputs: ArrayLike, targets: ArrayLike, *, weights: ArrayLike | None = None
 ) -> Loss:
   """Squared error, summed over features and averaged over the batch.
 
@@ -344,11 +346,11 @@ _GAUSSIAN = channel.from_functions(_gaussian_value, _gaussian_hvp)
 
 
 def gaussian_nll(
-    outputs: ArrayLike,
-    targets: ArrayLike,
-    variance: ArrayLike = 1.0,
-    *,
-    weights: Optional[ArrayLike] = None,
+  outputs: ArrayLike,
+  targets: ArrayLike,
+  variance: ArrayLike = 1.0,
+  *,
+  weights: ArrayLike | None = None,
 ) -> Loss:
   """Gaussian negative log-likelihood with a fixed variance.
 
@@ -384,8 +386,8 @@ def gaussian_nll(
     jnp.broadcast_shapes(variance.shape, outputs.shape)
   except ValueError:
     raise ValueError(
-        f"gaussian_nll: variance of shape {variance.shape} does not "
-        f"broadcast to outputs of shape {outputs.shape}."
+      f"gaussian_nll: variance of shape {variance.shape} does not "
+      f"broadcast to outputs of shape {outputs.shape}."
     ) from None
   weights = _batch_weights("gaussian_nll", weights, outputs)
   return _make(_GAUSSIAN, outputs, (targets, variance, weights))
@@ -406,12 +408,15 @@ def _one_hot_checked(labels: Array, num_classes: int, dtype) -> Array:
     concrete = np.asarray(labels)
   except jax.errors.TracerArrayConversionError:
     concrete = None
-  if concrete is not None and concrete.size and (
-      concrete.min() < 0 or concrete.max() >= num_classes):
+  if (
+    concrete is not None
+    and concrete.size
+    and (concrete.min() < 0 or concrete.max() >= num_classes)
+  ):
     raise ValueError(
-        f"softmax_cross_entropy: integer labels must lie in [0, {num_classes}) "
-        f"for logits with {num_classes} classes; got labels from "
-        f"{concrete.min()} to {concrete.max()}."
+      f"softmax_cross_entropy: integer labels must lie in [0, {num_classes}) "
+      f"for logits with {num_classes} classes; got labels from "
+      f"{concrete.min()} to {concrete.max()}."
     )
   targets = jax.nn.one_hot(labels, num_classes, dtype=dtype)
   in_range = ((labels >= 0) & (labels < num_classes))[..., None]
@@ -436,7 +441,7 @@ _SOFTMAX_CE = channel.from_functions(_softmax_ce_value, _softmax_ce_hvp)
 
 
 def softmax_cross_entropy(
-    logits: ArrayLike, labels: ArrayLike, *, weights: Optional[ArrayLike] = None
+  logits: ArrayLike, labels: ArrayLike, *, weights: ArrayLike | None = None
 ) -> Loss:
   """Softmax cross-entropy, averaged over the batch.
 
@@ -473,8 +478,8 @@ def softmax_cross_entropy(
   if jnp.issubdtype(labels.dtype, jnp.integer):
     if labels.shape != logits.shape[:-1]:
       raise ValueError(
-          "softmax_cross_entropy: integer labels must have shape "
-          f"logits.shape[:-1] = {logits.shape[:-1]}; got {labels.shape}."
+        "softmax_cross_entropy: integer labels must have shape "
+        f"logits.shape[:-1] = {logits.shape[:-1]}; got {labels.shape}."
       )
     targets = _one_hot_checked(labels, logits.shape[-1], logits.dtype)
   else:
@@ -502,7 +507,7 @@ _SIGMOID_BCE = channel.from_functions(_sigmoid_bce_value, _sigmoid_bce_hvp)
 
 
 def sigmoid_binary_cross_entropy(
-    logits: ArrayLike, labels: ArrayLike, *, weights: Optional[ArrayLike] = None
+  logits: ArrayLike, labels: ArrayLike, *, weights: ArrayLike | None = None
 ) -> Loss:
   """Binary cross-entropy on logits, summed over features, batch-averaged.
 
@@ -554,7 +559,7 @@ _POISSON = channel.from_functions(_poisson_value, _poisson_hvp)
 
 
 def poisson(
-    log_rates: ArrayLike, counts: ArrayLike, *, weights: Optional[ArrayLike] = None
+  log_rates: ArrayLike, counts: ArrayLike, *, weights: ArrayLike | None = None
 ) -> Loss:
   """Poisson negative log-likelihood with a log link (spike counts).
 
@@ -608,7 +613,7 @@ class _CustomSpec:
     value = jnp.asarray(eqx.combine(consts, self._program)(outputs))
     if value.shape != ():
       raise ValueError(
-          f"losses.custom: fn must return a scalar; got shape {value.shape}."
+        f"losses.custom: fn must return a scalar; got shape {value.shape}."
       )
     return value
 

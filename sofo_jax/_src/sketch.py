@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Union
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from sofo_jax._src import channel
+from sofo_jax._src import channel, spmd
 from sofo_jax._src import losses as losses_lib
-from sofo_jax._src import spmd
 from sofo_jax._src import tree as tree_lib
 
 
@@ -30,11 +30,11 @@ class Sketch(NamedTuple):
 
 
 _PLAIN_RETURN_MESSAGE = (
-    "The loss closure must return a sofo_jax.losses.Loss so that SOFO can see "
-    "the curvature of the loss in output space; it returned {kind}. Write, for "
-    "example, `return sofo_jax.losses.mse(predictions, targets)` (or "
-    "softmax_cross_entropy, poisson, ..., or sofo_jax.losses.custom(outputs, "
-    "fn) for any convex function of the outputs).{hint}"
+  "The loss closure must return a sofo_jax.losses.Loss so that SOFO can see "
+  "the curvature of the loss in output space; it returned {kind}. Write, for "
+  "example, `return sofo_jax.losses.mse(predictions, targets)` (or "
+  "softmax_cross_entropy, poisson, ..., or sofo_jax.losses.custom(outputs, "
+  "fn) for any convex function of the outputs).{hint}"
 )
 
 
@@ -51,8 +51,8 @@ def split_output(output: Any, has_aux: bool) -> tuple[Any, Any]:
     return output, None
   if not (isinstance(output, tuple) and len(output) == 2):
     raise TypeError(
-        "With has_aux=True the loss closure must return a pair (loss, aux); "
-        f"got {type(output).__name__}."
+      "With has_aux=True the loss closure must return a pair (loss, aux); "
+      f"got {type(output).__name__}."
     )
   return output
 
@@ -63,9 +63,7 @@ def _as_loss(output: Any, has_aux: bool) -> tuple[losses_lib.Loss, Any]:
     hint = ""
     if isinstance(output, tuple) and not has_aux:
       hint = " If it returns (loss, aux), pass has_aux=True."
-    raise TypeError(
-        _PLAIN_RETURN_MESSAGE.format(kind=_describe(loss), hint=hint)
-    )
+    raise TypeError(_PLAIN_RETURN_MESSAGE.format(kind=_describe(loss), hint=hint))
   if loss.value.shape != ():
     raise ValueError(f"The loss value must be a scalar; got {loss.value.shape}.")
   return loss, aux
@@ -78,13 +76,13 @@ def loss_value(loss_fn: Callable[..., Any], params: Any, has_aux: bool = False):
 
 
 def sketch_leaves(
-    loss_fn: Callable[..., Any],
-    part: tree_lib.Partition,
-    tangent_leaves: list,
-    has_aux: bool = False,
-    *,
-    data_axis_name: Optional[spmd.AxisName] = None,
-    tangent_axis_name: Optional[str] = None,
+  loss_fn: Callable[..., Any],
+  part: tree_lib.Partition,
+  tangent_leaves: list,
+  has_aux: bool = False,
+  *,
+  data_axis_name: spmd.AxisName | None = None,
+  tangent_axis_name: str | None = None,
 ) -> tuple[Sketch, Any]:
   """:func:`sketch` on an already partitioned parameter pytree; also returns aux.
 
@@ -94,37 +92,36 @@ def sketch_leaves(
   sizes = {int(t.shape[0]) for t in tangent_leaves}
   if len(sizes) != 1:
     raise ValueError(
-        "Every tangent leaf needs the same leading axis K; got sizes "
-        f"{sorted(sizes)}."
+      f"Every tangent leaf needs the same leading axis K; got sizes {sorted(sizes)}."
     )
   (num_tangents,) = sizes
   for t, p in zip(tangent_leaves, part.trainable):
     if t.shape[1:] != jnp.shape(p):
       raise ValueError(
-          f"A tangent leaf of shape {t.shape} does not match its parameter of "
-          f"shape {jnp.shape(p)} (expected (K, *param.shape))."
+        f"A tangent leaf of shape {t.shape} does not match its parameter of "
+        f"shape {jnp.shape(p)} (expected (K, *param.shape))."
       )
 
   def value_and_channel(trainable):
     loss, aux = _as_loss(loss_fn(part.rebuild(trainable)), has_aux)
     if loss.curvature.shape != (num_tangents,):
       raise ValueError(
-          "The Loss returned inside the SOFO step has no curvature channel of "
-          f"size K={num_tangents} (got shape {loss.curvature.shape}). Build "
-          "every loss inside the closure (do not reuse a Loss computed "
-          "outside it)."
+        "The Loss returned inside the SOFO step has no curvature channel of "
+        f"size K={num_tangents} (got shape {loss.curvature.shape}). Build "
+        "every loss inside the closure (do not reuse a Loss computed "
+        "outside it)."
       )
     return (loss.value, loss.curvature), aux
 
   def one_tangent(tangent):
     primal, derivative, aux = jax.jvp(
-        value_and_channel, (part.trainable,), (tangent,), has_aux=True
+      value_and_channel, (part.trainable,), (tangent,), has_aux=True
     )
     return primal[0], derivative, aux
 
   spmd.check_bound(data_axis_name, tangent_axis_name)
   batched = jax.vmap(
-      one_tangent, out_axes=(None, 0, None), axis_name=channel.TANGENT_AXIS
+    one_tangent, out_axes=(None, 0, None), axis_name=channel.TANGENT_AXIS
   )
   if tangent_axis_name is None:
     value, (gradient, rows), aux = batched(list(tangent_leaves))
@@ -132,21 +129,21 @@ def sketch_leaves(
     block = spmd.local_block(tangent_leaves, num_tangents, tangent_axis_name)
     value, (gradient, rows), aux = spmd.mark_sharded(batched, tangent_axis_name)(block)
   value, gradient, rows = spmd.combine_shards(
-      value, gradient, rows, data_axis_name, tangent_axis_name
+    value, gradient, rows, data_axis_name, tangent_axis_name
   )
   gauss_newton = 0.5 * (rows + rows.T)
   return Sketch(value, gradient, gauss_newton), aux
 
 
 def sketch(
-    loss_fn: Callable[..., Any],
-    params: Any,
-    tangents: Any,
-    *,
-    has_aux: bool = False,
-    data_axis_name: Optional[spmd.AxisName] = None,
-    tangent_axis_name: Optional[str] = None,
-) -> Union[Sketch, tuple[Sketch, Any]]:
+  loss_fn: Callable[..., Any],
+  params: Any,
+  tangents: Any,
+  *,
+  has_aux: bool = False,
+  data_axis_name: spmd.AxisName | None = None,
+  tangent_axis_name: str | None = None,
+) -> Sketch | tuple[Sketch, Any]:
   """Sketched gradient and Gauss–Newton matrix, by forward mode only.
 
   For tangents :math:`\\Theta = [v_1 \\dots v_K]` and a loss
@@ -202,7 +199,11 @@ def sketch(
   spmd.check_axis_names(data_axis_name, tangent_axis_name)
   part = tree_lib.partition(params)
   result, aux = sketch_leaves(
-      loss_fn, part, tree_lib.trainable_tangents(part, tangents), has_aux,
-      data_axis_name=data_axis_name, tangent_axis_name=tangent_axis_name,
+    loss_fn,
+    part,
+    tree_lib.trainable_tangents(part, tangents),
+    has_aux,
+    data_axis_name=data_axis_name,
+    tangent_axis_name=tangent_axis_name,
   )
   return (result, aux) if has_aux else result

@@ -51,7 +51,7 @@ class Eigensystem(NamedTuple):
 
 
 def eigensystem(
-    gradient: Float[Array, " k"], gauss_newton: Float[Array, "k k"]
+  gradient: Float[Array, " k"], gauss_newton: Float[Array, "k k"]
 ) -> Eigensystem:
   """Eigendecomposes :math:`\\tilde G` once, so that any damping is cheap.
 
@@ -73,17 +73,17 @@ def eigensystem(
   cutoff = max_eigenvalue * gradient.shape[0] * jnp.finfo(dtype).eps
   eigenvalues = jnp.where(eigenvalues > cutoff, eigenvalues, 0.0)
   return Eigensystem(
-      eigenvalues=eigenvalues,
-      eigenvectors=eigenvectors,
-      projected_gradient=eigenvectors.T @ gradient,
-      max_eigenvalue=max_eigenvalue,
-      cutoff=cutoff,
-      finite=finite,
+    eigenvalues=eigenvalues,
+    eigenvectors=eigenvectors,
+    projected_gradient=eigenvectors.T @ gradient,
+    max_eigenvalue=max_eigenvalue,
+    cutoff=cutoff,
+    finite=finite,
   )
 
 
 def damped_coefficients(
-    system: Eigensystem, absolute_damping: ArrayLike
+  system: Eigensystem, absolute_damping: ArrayLike
 ) -> tuple[Float[Array, " k"], Bool[Array, ""]]:
   """:math:`w = U (S + \\lambda I)^{-1} U^\\top\\tilde g` for an absolute damping.
 
@@ -103,10 +103,10 @@ def damped_coefficients(
 
 
 def model_decrease(
-    gradient: Float[Array, " k"],
-    gauss_newton: Float[Array, "k k"],
-    coefficients: Float[Array, " k"],
-    learning_rate: ArrayLike = 1.0,
+  gradient: Float[Array, " k"],
+  gauss_newton: Float[Array, "k k"],
+  coefficients: Float[Array, " k"],
+  learning_rate: ArrayLike = 1.0,
 ) -> Float[Array, ""]:
   """Decrease of the quadratic model for the step :math:`-\\eta\\,\\Theta w`.
 
@@ -119,12 +119,12 @@ def model_decrease(
   gauss_newton = jnp.where(jnp.isfinite(gauss_newton), gauss_newton, 0.0).astype(dtype)
   eta = jnp.asarray(learning_rate, dtype)
   return eta * (gradient @ coefficients) - 0.5 * eta**2 * (
-      coefficients @ (gauss_newton @ coefficients)
+    coefficients @ (gauss_newton @ coefficients)
   )
 
 
 def absolute_damping(
-    damping: ArrayLike, system: Eigensystem, relative_damping: bool
+  damping: ArrayLike, system: Eigensystem, relative_damping: bool
 ) -> Float[Array, ""]:
   """:math:`\\lambda s_{\\max}` (relative) or :math:`\\lambda` (absolute)."""
   damping = jnp.asarray(damping, system.eigenvalues.dtype)
@@ -132,10 +132,10 @@ def absolute_damping(
 
 
 def solve_damped(
-    gradient: Float[Array, " k"],
-    gauss_newton: Float[Array, "k k"],
-    damping: ArrayLike,
-    relative_damping: bool = True,
+  gradient: Float[Array, " k"],
+  gauss_newton: Float[Array, "k k"],
+  damping: ArrayLike,
+  relative_damping: bool = True,
 ) -> SubspaceStep:
   """Solves :math:`(\\tilde G + \\lambda_{\\text{eff}} I) w = \\tilde g`.
 
@@ -178,12 +178,12 @@ def solve_damped(
   effective_damping = absolute_damping(damping, system, relative_damping)
   coefficients, solved = damped_coefficients(system, effective_damping)
   return SubspaceStep(
-      coefficients=coefficients,
-      eigenvalues=system.eigenvalues,
-      max_eigenvalue=system.max_eigenvalue,
-      damping=effective_damping,
-      predicted_decrease=model_decrease(gradient, gauss_newton, coefficients),
-      finite=system.finite & solved,
+    coefficients=coefficients,
+    eigenvalues=system.eigenvalues,
+    max_eigenvalue=system.max_eigenvalue,
+    damping=effective_damping,
+    predicted_decrease=model_decrease(gradient, gauss_newton, coefficients),
+    finite=system.finite & solved,
   )
 
 

@@ -36,13 +36,14 @@ reused in the other.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Hashable, Optional, Union
+from collections.abc import Callable, Hashable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-AxisName = Union[str, tuple]
+AxisName = str | tuple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +66,7 @@ def _manual_mesh_axes() -> tuple:
   return tuple(getattr(mesh, "manual_axes", ()) or ())
 
 
-def sharded_tangent_axis() -> Optional[Hashable]:
+def sharded_tangent_axis() -> Hashable | None:
   """The mesh axis the tangents are split over, or ``None`` if they are not."""
   for name in _manual_mesh_axes():
     try:
@@ -76,59 +77,61 @@ def sharded_tangent_axis() -> Optional[Hashable]:
   return None
 
 
-def mark_sharded(fn: Callable[..., Any], tangent_axis_name: Hashable) -> Callable[..., Any]:
+def mark_sharded(
+  fn: Callable[..., Any], tangent_axis_name: Hashable
+) -> Callable[..., Any]:
   """Runs ``fn`` with the marker axis for ``tangent_axis_name`` bound."""
   return jax.vmap(
-      fn,
-      in_axes=None,
-      out_axes=None,
-      axis_size=1,
-      axis_name=ShardedTangents(tangent_axis_name),
+    fn,
+    in_axes=None,
+    out_axes=None,
+    axis_size=1,
+    axis_name=ShardedTangents(tangent_axis_name),
   )
 
 
 def check_axis_names(
-    data_axis_name: Optional[AxisName], tangent_axis_name: Optional[Hashable]
+  data_axis_name: AxisName | None, tangent_axis_name: Hashable | None
 ) -> None:
   """Eager checks on the axis names given to a transform or a sketch."""
   data_names = _as_tuple(data_axis_name)
   for name in data_names:
     if not isinstance(name, str):
       raise TypeError(
-          "data_axis_name must be a mesh axis name (a str) or a tuple of "
-          f"them; got {data_axis_name!r}."
+        "data_axis_name must be a mesh axis name (a str) or a tuple of "
+        f"them; got {data_axis_name!r}."
       )
   if tangent_axis_name is None:
     return
   if not isinstance(tangent_axis_name, str):
     raise TypeError(
-        "tangent_axis_name must be a single mesh axis name (a str); got "
-        f"{tangent_axis_name!r}."
+      "tangent_axis_name must be a single mesh axis name (a str); got "
+      f"{tangent_axis_name!r}."
     )
   if tangent_axis_name in data_names:
     raise ValueError(
-        f"The axis {tangent_axis_name!r} cannot split both the batch "
-        "(data_axis_name) and the tangents (tangent_axis_name)."
+      f"The axis {tangent_axis_name!r} cannot split both the batch "
+      "(data_axis_name) and the tangents (tangent_axis_name)."
     )
   if getattr(jax.sharding, "get_abstract_mesh", None) is None:
     raise NotImplementedError(
-        "tangent_axis_name needs jax.sharding.get_abstract_mesh (a newer "
-        "JAX); data_axis_name works without it."
+      "tangent_axis_name needs jax.sharding.get_abstract_mesh (a newer "
+      "JAX); data_axis_name works without it."
     )
 
 
-def _as_tuple(axis_name: Optional[AxisName]) -> tuple:
+def _as_tuple(axis_name: AxisName | None) -> tuple:
   if axis_name is None:
     return ()
   return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
 
 
 _CHECK_VMA_MESSAGE = (
-    "sofo_jax under jax.shard_map needs check_vma=False: the curvature "
-    "channel gathers output tangents over the vmap axis of the K tangents, "
-    "and JAX's varying-manual-axes checker does not accept collectives over "
-    "vmap axes inside shard_map. Write jax.shard_map(step, mesh=..., "
-    "in_specs=..., out_specs=..., check_vma=False)."
+  "sofo_jax under jax.shard_map needs check_vma=False: the curvature "
+  "channel gathers output tangents over the vmap axis of the K tangents, "
+  "and JAX's varying-manual-axes checker does not accept collectives over "
+  "vmap axes inside shard_map. Write jax.shard_map(step, mesh=..., "
+  "in_specs=..., out_specs=..., check_vma=False)."
 )
 
 
@@ -153,9 +156,9 @@ def axis_size(axis_name: AxisName, role: str) -> int:
     index = jax.lax.axis_index(axis_name)
   except NameError:
     raise ValueError(
-        f"{role}={axis_name!r} is not a bound axis here. Call the SOFO update "
-        "inside jax.shard_map over a mesh with that axis (see "
-        "docs/distributed.md)."
+      f"{role}={axis_name!r} is not a bound axis here. Call the SOFO update "
+      "inside jax.shard_map over a mesh with that axis (see "
+      "docs/distributed.md)."
     ) from None
   if _is_typed_varying(index):
     raise ValueError(_CHECK_VMA_MESSAGE)
@@ -163,7 +166,7 @@ def axis_size(axis_name: AxisName, role: str) -> int:
 
 
 def check_bound(
-    data_axis_name: Optional[AxisName], tangent_axis_name: Optional[Hashable]
+  data_axis_name: AxisName | None, tangent_axis_name: Hashable | None
 ) -> None:
   """Trace-time checks, before the sketch: the axes exist, ``check_vma`` is off."""
   if data_axis_name is not None:
@@ -173,29 +176,28 @@ def check_bound(
 
 
 def local_block(
-    tangent_leaves: list, num_tangents: int, tangent_axis_name: Hashable
+  tangent_leaves: list, num_tangents: int, tangent_axis_name: Hashable
 ) -> list:
   """This device's block of K/D tangents (all devices hold all K)."""
   shards = axis_size(tangent_axis_name, "tangent_axis_name")
   if num_tangents % shards:
     raise ValueError(
-        f"num_tangents={num_tangents} must be a multiple of the size "
-        f"{shards} of the tangent axis {tangent_axis_name!r}."
+      f"num_tangents={num_tangents} must be a multiple of the size "
+      f"{shards} of the tangent axis {tangent_axis_name!r}."
     )
   block = num_tangents // shards
   start = jax.lax.axis_index(tangent_axis_name) * block
   return [
-      jax.lax.dynamic_slice_in_dim(leaf, start, block, axis=0)
-      for leaf in tangent_leaves
+    jax.lax.dynamic_slice_in_dim(leaf, start, block, axis=0) for leaf in tangent_leaves
   ]
 
 
 def combine_shards(
-    value: Float[Array, ""],
-    gradient: Float[Array, " block"],
-    rows: Float[Array, "block k"],
-    data_axis_name: Optional[AxisName],
-    tangent_axis_name: Optional[Hashable],
+  value: Float[Array, ""],
+  gradient: Float[Array, " block"],
+  rows: Float[Array, "block k"],
+  data_axis_name: AxisName | None,
+  tangent_axis_name: Hashable | None,
 ) -> tuple[Float[Array, ""], Float[Array, " k"], Float[Array, "k k"]]:
   """Averages over the data axis, then gathers row blocks over the tangent axis.
 

@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any
 
 import jax
 
-from sofo_jax._src import forward_gradient
-from sofo_jax._src import transform
+from sofo_jax._src import forward_gradient, transform
 
 _STATE_KINDS = (
-    transform.ScaleBySofoState,
-    forward_gradient.ScaleByForwardGradientState,
+  transform.ScaleBySofoState,
+  forward_gradient.ScaleByForwardGradientState,
 )
 
 
-def get_state(state: Any) -> Union[
-    transform.ScaleBySofoState, forward_gradient.ScaleByForwardGradientState
-]:
+def get_state(
+  state: Any,
+) -> transform.ScaleBySofoState | forward_gradient.ScaleByForwardGradientState:
   """The first SOFO or forward-gradient state nested anywhere in ``state``.
 
   Works through ``optax.chain``, ``inject_hyperparams``, ``apply_if_finite``
@@ -45,9 +44,9 @@ def get_state(state: Any) -> Union[
   raise ValueError("No sofo_jax optimizer state was found in this state.")
 
 
-def get_diagnostics(state: Any) -> Union[
-    transform.SofoDiagnostics, forward_gradient.ForwardGradientDiagnostics
-]:
+def get_diagnostics(
+  state: Any,
+) -> transform.SofoDiagnostics | forward_gradient.ForwardGradientDiagnostics:
   """The diagnostics of the last step, from any optax state holding SOFO.
 
   Example:

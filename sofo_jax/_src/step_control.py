@@ -38,7 +38,7 @@ passes it on.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -97,28 +97,36 @@ class StepControl:
   increase: float = 2.0
   min_damping: float = 1e-6
   max_damping: float = 1e3
-  revert_ratio: Optional[float] = 2.0
+  revert_ratio: float | None = 2.0
 
   def __post_init__(self):
     if isinstance(self.num_trials, bool) or not isinstance(self.num_trials, int):
-      raise TypeError(f"StepControl.num_trials must be an int; got {self.num_trials!r}.")
+      raise TypeError(
+        f"StepControl.num_trials must be an int; got {self.num_trials!r}."
+      )
     if self.num_trials < 1:
       raise ValueError(f"StepControl.num_trials must be >= 1; got {self.num_trials}.")
     checks = (
-        ("trial_growth", self.trial_growth > 1.0, "> 1"),
-        ("decrease", 0.0 < self.decrease <= 1.0, "in (0, 1]"),
-        ("increase", self.increase >= 1.0, ">= 1"),
-        ("min_damping", self.min_damping >= 0.0, ">= 0"),
-        ("max_damping", self.max_damping >= self.min_damping, ">= min_damping"),
-        ("min_rho", self.min_rho < 1.0, "< 1"),
+      ("trial_growth", self.trial_growth > 1.0, "> 1"),
+      ("decrease", 0.0 < self.decrease <= 1.0, "in (0, 1]"),
+      ("increase", self.increase >= 1.0, ">= 1"),
+      ("min_damping", self.min_damping >= 0.0, ">= 0"),
+      ("max_damping", self.max_damping >= self.min_damping, ">= min_damping"),
+      ("min_rho", self.min_rho < 1.0, "< 1"),
     )
     if self.revert_ratio is not None:
       checks += (("revert_ratio", self.revert_ratio >= 1.0, ">= 1 (or None)"),)
     for name, ok, rule in checks:
       value = getattr(self, name)
-      if not (isinstance(value, (int, float)) and not isinstance(value, bool)
-              and jnp.isfinite(value) and ok):
-        raise ValueError(f"StepControl.{name} must be a finite number {rule}; got {value!r}.")
+      if not (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and jnp.isfinite(value)
+        and ok
+      ):
+        raise ValueError(
+          f"StepControl.{name} must be a finite number {rule}; got {value!r}."
+        )
 
 
 class ControlledStep(NamedTuple):
@@ -160,13 +168,13 @@ class Ladder(NamedTuple):
 
 
 def ladder(
-    settings: StepControl,
-    system: solve_lib.Eigensystem,
-    gradient: Float[Array, " k"],
-    gauss_newton: Float[Array, "k k"],
-    damping: ArrayLike,
-    learning_rate: ArrayLike,
-    relative_damping: bool,
+  settings: StepControl,
+  system: solve_lib.Eigensystem,
+  gradient: Float[Array, " k"],
+  gauss_newton: Float[Array, "k k"],
+  damping: ArrayLike,
+  learning_rate: ArrayLike,
+  relative_damping: bool,
 ) -> Ladder:
   """The M trial steps, all from the one eigendecomposition of :math:`\\tilde G`.
 
@@ -191,7 +199,9 @@ def ladder(
   def solve_one(trial_damping):
     absolute = solve_lib.absolute_damping(trial_damping, system, relative_damping)
     coefficients, _ = solve_lib.damped_coefficients(system, absolute)
-    predicted = solve_lib.model_decrease(gradient, gauss_newton, coefficients, learning_rate)
+    predicted = solve_lib.model_decrease(
+      gradient, gauss_newton, coefficients, learning_rate
+    )
     return coefficients, predicted
 
   coefficients, predicted = jax.vmap(solve_one)(dampings)
@@ -199,11 +209,11 @@ def ladder(
 
 
 def choose(
-    settings: StepControl,
-    trials: Ladder,
-    losses: Float[Array, " m"],
-    loss: Float[Array, ""],
-    finite: Bool[Array, ""],
+  settings: StepControl,
+  trials: Ladder,
+  losses: Float[Array, " m"],
+  loss: Float[Array, ""],
+  finite: Bool[Array, ""],
 ) -> ControlledStep:
   """Keeps the least damped trial that works and sets the next damping.
 
@@ -222,27 +232,34 @@ def choose(
   loss = loss.astype(dtype)
   predicted = trials.predicted
   positive = predicted > 0
-  rho = jnp.where(positive, (loss - losses) / jnp.where(positive, predicted, 1.0), jnp.nan)
+  rho = jnp.where(
+    positive, (loss - losses) / jnp.where(positive, predicted, 1.0), jnp.nan
+  )
   # A trial whose prediction is not positive (a zero step) is judged on the
   # loss alone; NaN comparisons are False, so non-finite losses never pass.
-  acceptable = (jnp.isfinite(losses) & (losses <= loss)
-                & (~positive | (rho >= settings.min_rho)) & finite)
+  acceptable = (
+    jnp.isfinite(losses)
+    & (losses <= loss)
+    & (~positive | (rho >= settings.min_rho))
+    & finite
+  )
   rejected = ~jnp.any(acceptable)
   chosen = jnp.argmax(acceptable)  # the first, least damped, acceptable trial
   chosen = jnp.where(rejected, settings.num_trials - 1, chosen)
   chosen_rho = rho[chosen]
   factor = jnp.where(
-      rejected | (chosen_rho < 0.25), settings.increase,
-      jnp.where(chosen_rho > 0.75, settings.decrease, 1.0),
+    rejected | (chosen_rho < 0.25),
+    settings.increase,
+    jnp.where(chosen_rho > 0.75, settings.decrease, 1.0),
   )
   next_damping = jnp.clip(
-      trials.dampings[chosen] * factor, settings.min_damping, settings.max_damping
+    trials.dampings[chosen] * factor, settings.min_damping, settings.max_damping
   )
   return ControlledStep(
-      coefficients=jnp.where(rejected, 0.0, trials.coefficients[chosen]),
-      damping=trials.dampings[chosen],
-      next_damping=next_damping.astype(dtype),
-      rho=chosen_rho,
-      rejected=rejected,
-      trial_loss=jnp.where(rejected, loss, losses[chosen]),
+    coefficients=jnp.where(rejected, 0.0, trials.coefficients[chosen]),
+    damping=trials.dampings[chosen],
+    next_damping=next_damping.astype(dtype),
+    rho=chosen_rho,
+    rejected=rejected,
+    trial_loss=jnp.where(rejected, loss, losses[chosen]),
   )

@@ -11,7 +11,7 @@ it generalised badly. Both return an :class:`Outcome`.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,7 @@ def trial_losses(loss_fn, part, offsets, has_aux, data_axis_name):
   parameters are formed as ``optax.apply_updates`` would, in each leaf's
   dtype.
   """
+
   def one(offset):
     trial = [(p + d).astype(p.dtype) for p, d in zip(part.trainable, offset)]
     return sketch_lib.loss_value(loss_fn, part.rebuild(trial), has_aux)
@@ -71,7 +72,7 @@ class Outcome(NamedTuple):
   trial_loss: Float[Array, ""]
   predicted_decrease: Float[Array, ""]
   finite: Bool[Array, ""]
-  last_update: Optional[tuple]
+  last_update: tuple | None
 
 
 def is_spike(loss, previous_loss, ratio):
@@ -85,30 +86,62 @@ def is_spike(loss, previous_loss, ratio):
   return jnp.isfinite(previous_loss) & ~(loss <= bound)
 
 
-def controlled_step(settings, state, part, loss_fn, tangent_leaves, sketch, gradient,
-                   system, learning_rate, relative_damping, has_aux, data_axis_name):
+def controlled_step(
+  settings,
+  state,
+  part,
+  loss_fn,
+  tangent_leaves,
+  sketch,
+  gradient,
+  system,
+  learning_rate,
+  relative_damping,
+  has_aux,
+  data_axis_name,
+):
   """Step control: the ladder of trials, the choice, and the next-batch check."""
   eta = learning_rate_lib.learning_rate_at(learning_rate, state.count)
   trials = step_control_lib.ladder(
-      settings, system, gradient, sketch.gauss_newton, state.damping, eta,
-      relative_damping,
+    settings,
+    system,
+    gradient,
+    sketch.gauss_newton,
+    state.damping,
+    eta,
+    relative_damping,
   )
-  steps = jax.vmap(lambda w: tangents_lib.combine(w, tangent_leaves))(trials.coefficients)
+  steps = jax.vmap(lambda w: tangents_lib.combine(w, tangent_leaves))(
+    trials.coefficients
+  )
   offsets = [-jnp.asarray(eta, d.dtype) * d for d in steps]
   checks_last = settings.revert_ratio is not None
   if checks_last:
     # One more trial point: the parameters before the last step.
-    offsets = [jnp.concatenate([d, -u[None]]) for d, u in zip(offsets, state.last_update)]
+    offsets = [
+      jnp.concatenate([d, -u[None]]) for d, u in zip(offsets, state.last_update)
+    ]
   losses = trial_losses(loss_fn, part, offsets, has_aux, data_axis_name)
   chosen = step_control_lib.choose(
-      settings, trials, losses[:settings.num_trials], sketch.value, system.finite
+    settings, trials, losses[: settings.num_trials], sketch.value, system.finite
   )
   direction = tangents_lib.combine(chosen.coefficients, tangent_leaves)
-  predicted = solve_lib.model_decrease(gradient, sketch.gauss_newton, chosen.coefficients)
+  predicted = solve_lib.model_decrease(
+    gradient, sketch.gauss_newton, chosen.coefficients
+  )
   if not checks_last:
-    return Outcome(direction, chosen.damping, chosen.next_damping, chosen.rho,
-                    chosen.rejected, jnp.array(False), chosen.trial_loss, predicted,
-                    system.finite, None)
+    return Outcome(
+      direction,
+      chosen.damping,
+      chosen.next_damping,
+      chosen.rho,
+      chosen.rejected,
+      jnp.array(False),
+      chosen.trial_loss,
+      predicted,
+      system.finite,
+      None,
+    )
   previous_loss = losses[-1]
   reverted = is_spike(sketch.value, previous_loss, settings.revert_ratio)
   # The chain multiplies this transform's output by -eta: hand it the last
@@ -117,23 +150,28 @@ def controlled_step(settings, state, part, loss_fn, tangent_leaves, sketch, grad
   undo = [(u * inverse_eta.astype(u.dtype)).astype(u.dtype) for u in state.last_update]
   direction = [jnp.where(reverted, r, d) for r, d in zip(undo, direction)]
   taken = tuple(
-      jnp.where(reverted, jnp.zeros_like(u), -jnp.asarray(eta, d.dtype) * d).astype(u.dtype)
-      for u, d in zip(state.last_update, direction)
+    jnp.where(reverted, jnp.zeros_like(u), -jnp.asarray(eta, d.dtype) * d).astype(
+      u.dtype
+    )
+    for u, d in zip(state.last_update, direction)
   )
   dtype = chosen.next_damping.dtype
-  raised = jnp.clip(jnp.asarray(state.damping, dtype) * settings.trial_growth,
-                    settings.min_damping, settings.max_damping)
+  raised = jnp.clip(
+    jnp.asarray(state.damping, dtype) * settings.trial_growth,
+    settings.min_damping,
+    settings.max_damping,
+  )
   return Outcome(
-      direction=direction,
-      damping=jnp.where(reverted, jnp.asarray(state.damping, dtype), chosen.damping),
-      next_damping=jnp.where(reverted, raised, chosen.next_damping),
-      rho=jnp.where(reverted, jnp.nan, chosen.rho),
-      rejected=chosen.rejected & ~reverted,
-      reverted=reverted,
-      trial_loss=jnp.where(reverted, previous_loss, chosen.trial_loss),
-      predicted_decrease=jnp.where(reverted, 0.0, predicted),
-      finite=system.finite | reverted,
-      last_update=taken,
+    direction=direction,
+    damping=jnp.where(reverted, jnp.asarray(state.damping, dtype), chosen.damping),
+    next_damping=jnp.where(reverted, raised, chosen.next_damping),
+    rho=jnp.where(reverted, jnp.nan, chosen.rho),
+    rejected=chosen.rejected & ~reverted,
+    reverted=reverted,
+    trial_loss=jnp.where(reverted, previous_loss, chosen.trial_loss),
+    predicted_decrease=jnp.where(reverted, 0.0, predicted),
+    finite=system.finite | reverted,
+    last_update=taken,
   )
 
 
@@ -150,23 +188,25 @@ def top_directions(system, tangent_leaves, count, previous):
   return tuple(jnp.where(system.finite, d, p) for d, p in zip(directions, previous))
 
 
-def fixed_step(damping, system, gradient, gauss_newton, tangent_leaves, relative_damping):
+def fixed_step(
+  damping, system, gradient, gauss_newton, tangent_leaves, relative_damping
+):
   """The paper's step: one fixed damping, no trials."""
   # The closure's damping, not a stored one: an injected damping
   # (optax.inject_hyperparams) may change from step to step.
   coefficients, solved = solve_lib.damped_coefficients(
-      system, solve_lib.absolute_damping(damping, system, relative_damping)
+    system, solve_lib.absolute_damping(damping, system, relative_damping)
   )
   nan = jnp.full((), jnp.nan, system.eigenvalues.dtype)
   return Outcome(
-      direction=tangents_lib.combine(coefficients, tangent_leaves),
-      damping=jnp.asarray(damping, system.eigenvalues.dtype),
-      next_damping=jnp.asarray(damping, system.eigenvalues.dtype),
-      rho=nan,
-      rejected=jnp.array(False),
-      reverted=jnp.array(False),
-      trial_loss=nan,
-      predicted_decrease=solve_lib.model_decrease(gradient, gauss_newton, coefficients),
-      finite=system.finite & solved,
-      last_update=None,
+    direction=tangents_lib.combine(coefficients, tangent_leaves),
+    damping=jnp.asarray(damping, system.eigenvalues.dtype),
+    next_damping=jnp.asarray(damping, system.eigenvalues.dtype),
+    rho=nan,
+    rejected=jnp.array(False),
+    reverted=jnp.array(False),
+    trial_loss=nan,
+    predicted_decrease=solve_lib.model_decrease(gradient, gauss_newton, coefficients),
+    finite=system.finite & solved,
+    last_update=None,
   )

@@ -38,9 +38,9 @@ def check_num_tangents(num_tangents) -> int:
   """Validates K eagerly: it fixes shapes, so it must be a Python int >= 1."""
   if isinstance(num_tangents, bool) or not isinstance(num_tangents, int):
     raise TypeError(
-        "num_tangents must be a Python int (it fixes array shapes); got "
-        f"{type(num_tangents).__name__}. With optax.inject_hyperparams, pass "
-        "static_args=('num_tangents', 'key')."
+      "num_tangents must be a Python int (it fixes array shapes); got "
+      f"{type(num_tangents).__name__}. With optax.inject_hyperparams, pass "
+      "static_args=('num_tangents', 'key')."
     )
   if num_tangents < 1:
     raise ValueError(f"num_tangents must be >= 1; got {num_tangents}.")
@@ -50,8 +50,7 @@ def check_num_tangents(num_tangents) -> int:
 def check_distribution(distribution: str) -> str:
   if distribution not in DISTRIBUTIONS:
     raise ValueError(
-        f"tangent_distribution must be one of {DISTRIBUTIONS}; got "
-        f"{distribution!r}."
+      f"tangent_distribution must be one of {DISTRIBUTIONS}; got {distribution!r}."
     )
   return distribution
 
@@ -63,9 +62,11 @@ def _compute_dtype(dtype) -> jnp.dtype:
 
 def _gram(leaves: list) -> Float[Array, "k k"]:
   """:math:`\\Theta^\\top\\Theta` accumulated leaf by leaf (no flattening)."""
+
   def leaf_gram(leaf):
     flat = leaf.reshape(leaf.shape[0], -1).astype(_compute_dtype(leaf.dtype))
     return flat @ flat.T
+
   return functools.reduce(jnp.add, [leaf_gram(leaf) for leaf in leaves])
 
 
@@ -99,14 +100,17 @@ def _flat_mask(trainable: list, entry_masks) -> Any:
     return None
   # Concrete masks (NumPy) make one NumPy constant; a traced one, a traced vector.
   xp = np if all(m is None or isinstance(m, np.ndarray) for m in entry_masks) else jnp
-  return xp.concatenate([
+  return xp.concatenate(
+    [
       xp.ones(int(jnp.size(leaf)), bool) if m is None else xp.ravel(m)
       for leaf, m in zip(trainable, entry_masks)
-  ])
+    ]
+  )
 
 
-def _gaussian_leaves(key, trainable: list, num_tangents: int, dtype,
-                     unit_norm: bool, entry_masks=None) -> list:
+def _gaussian_leaves(
+  key, trainable: list, num_tangents: int, dtype, unit_norm: bool, entry_masks=None
+) -> list:
   """Standard normal tangents of shape ``(K, *leaf.shape)``, one per leaf.
 
   Tangent ``k`` is drawn from its own key as one vector over all leaves (one
@@ -130,26 +134,32 @@ def _gaussian_leaves(key, trainable: list, num_tangents: int, dtype,
       flat = jnp.where(flat_mask, flat, jnp.zeros((), dtype))
     if unit_norm:
       flat = flat * _safe_rsqrt(jnp.sum(flat * flat))
-    return [flat[offsets[i]:offsets[i + 1]].reshape(jnp.shape(trainable[i]))
-            for i in nonempty]
+    return [
+      flat[offsets[i] : offsets[i + 1]].reshape(jnp.shape(trainable[i]))
+      for i in nonempty
+    ]
 
   keys = jax.random.split(key, num_tangents)
   cpu_batch = max(1, min(num_tangents, _CPU_DRAW_BATCH // max(offsets[-1], 1)))
-  drawn = iter(jax.lax.platform_dependent(
+  drawn = iter(
+    jax.lax.platform_dependent(
       keys,
       cpu=lambda k: jax.lax.map(one_tangent, k, batch_size=cpu_batch),
       default=jax.vmap(one_tangent),
-  ))
-  return [next(drawn) if size else jnp.zeros((num_tangents, *jnp.shape(leaf)), dtype)
-          for size, leaf in zip(sizes, trainable)]
+    )
+  )
+  return [
+    next(drawn) if size else jnp.zeros((num_tangents, *jnp.shape(leaf)), dtype)
+    for size, leaf in zip(sizes, trainable)
+  ]
 
 
 def sample_leaves(
-    key: jax.Array,
-    trainable: list,
-    num_tangents: int,
-    distribution: str = "normalized_gaussian",
-    entry_masks=None,
+  key: jax.Array,
+  trainable: list,
+  num_tangents: int,
+  distribution: str = "normalized_gaussian",
+  entry_masks=None,
 ) -> list:
   """Draws K tangents for a list of trainable leaves.
 
@@ -166,8 +176,8 @@ def sample_leaves(
     dtype ``trainable[i].dtype``, exactly zero outside ``entry_masks[i]``.
   """
   dtype = functools.reduce(
-      jnp.promote_types,
-      [_compute_dtype(jnp.result_type(leaf)) for leaf in trainable],
+    jnp.promote_types,
+    [_compute_dtype(jnp.result_type(leaf)) for leaf in trainable],
   )
   if distribution == "normalized_gaussian":
     mixed = _gaussian_leaves(key, trainable, num_tangents, dtype, True, entry_masks)
@@ -176,17 +186,15 @@ def sample_leaves(
     draws = _gaussian_leaves(key, trainable, num_tangents, dtype, False, entry_masks)
     whitening = _inverse_sqrt_psd(_gram(draws))
     mixed = [jnp.tensordot(whitening, d, axes=1) for d in draws]
-  return [
-      m.astype(jnp.result_type(leaf)) for m, leaf in zip(mixed, trainable)
-  ]
+  return [m.astype(jnp.result_type(leaf)) for m, leaf in zip(mixed, trainable)]
 
 
 def sample_tangents(
-    key: jax.Array,
-    params: Any,
-    num_tangents: int,
-    distribution: str = "normalized_gaussian",
-    mask: Any = None,
+  key: jax.Array,
+  params: Any,
+  num_tangents: int,
+  distribution: str = "normalized_gaussian",
+  mask: Any = None,
 ) -> Any:
   """Draws K random tangent directions shaped like ``params``.
 
@@ -213,8 +221,9 @@ def sample_tangents(
   check_num_tangents(num_tangents)
   check_distribution(distribution)
   part = tree_lib.partition(params, mask)
-  leaves = sample_leaves(key, part.trainable, num_tangents, distribution,
-                        part.entry_masks)
+  leaves = sample_leaves(
+    key, part.trainable, num_tangents, distribution, part.entry_masks
+  )
   return part.fill(leaves, lambda leaf: None)
 
 
@@ -236,22 +245,33 @@ def normalize_stack(leaves: list) -> list:
 
   A zero vector stays zero, so it contributes nothing to a sketch.
   """
-  squared = functools.reduce(jnp.add, [
-      jnp.sum(jnp.square(leaf.astype(_compute_dtype(leaf.dtype))).reshape(leaf.shape[0], -1), axis=1)
+  squared = functools.reduce(
+    jnp.add,
+    [
+      jnp.sum(
+        jnp.square(leaf.astype(_compute_dtype(leaf.dtype))).reshape(leaf.shape[0], -1),
+        axis=1,
+      )
       for leaf in leaves
-  ])
+    ],
+  )
   scale = _safe_rsqrt(squared)
   return [
-      (leaf.astype(_compute_dtype(leaf.dtype))
-       * scale.reshape((-1,) + (1,) * (leaf.ndim - 1))).astype(leaf.dtype)
-      for leaf in leaves
+    (
+      leaf.astype(_compute_dtype(leaf.dtype))
+      * scale.reshape((-1,) + (1,) * (leaf.ndim - 1))
+    ).astype(leaf.dtype)
+    for leaf in leaves
   ]
 
 
 def combine(coefficients: Float[Array, " k"], tangent_leaves: list) -> list:
   """:math:`\\Theta w` leaf by leaf, in each leaf's dtype."""
   return [
-      jnp.tensordot(coefficients.astype(_compute_dtype(t.dtype)),
-                    t.astype(_compute_dtype(t.dtype)), axes=1).astype(t.dtype)
-      for t in tangent_leaves
+    jnp.tensordot(
+      coefficients.astype(_compute_dtype(t.dtype)),
+      t.astype(_compute_dtype(t.dtype)),
+      axes=1,
+    ).astype(t.dtype)
+    for t in tangent_leaves
   ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -14,12 +14,11 @@ from sofo_jax._src import keys as keys_lib
 from sofo_jax._src import learning_rate as learning_rate_lib
 from sofo_jax._src import sketch as sketch_lib
 from sofo_jax._src import solve as solve_lib
-from sofo_jax._src import spmd
+from sofo_jax._src import spmd, validation
 from sofo_jax._src import step_control as step_control_lib
 from sofo_jax._src import steps as steps_lib
 from sofo_jax._src import tangents as tangents_lib
 from sofo_jax._src import tree as tree_lib
-from sofo_jax._src import validation
 
 
 class SofoDiagnostics(NamedTuple):
@@ -91,8 +90,8 @@ class ScaleBySofoState(NamedTuple):
   count: Int[Array, ""]
   key: jax.Array
   damping: Float[Array, ""]
-  last_update: Optional[tuple]
-  recycled: Optional[tuple]
+  last_update: tuple | None
+  recycled: tuple | None
   diagnostics: SofoDiagnostics
   aux: Any
 
@@ -105,21 +104,21 @@ def _initial_diagnostics(num_tangents: int) -> SofoDiagnostics:
   zero = jnp.zeros((), _float_dtype())
   nan = jnp.full((), jnp.nan, _float_dtype())
   return SofoDiagnostics(
-      loss=nan,
-      max_eigenvalue=zero,
-      damping=zero,
-      damping_parameter=zero,
-      predicted_decrease=zero,
-      gradient_norm=zero,
-      eigenvalues=jnp.zeros((num_tangents,), _float_dtype()),
-      step_is_finite=jnp.array(True),
-      num_nonfinite_steps=jnp.zeros((), jnp.int32),
-      rho=nan,
-      step_rejected=jnp.array(False),
-      num_rejected_steps=jnp.zeros((), jnp.int32),
-      step_reverted=jnp.array(False),
-      num_reverted_steps=jnp.zeros((), jnp.int32),
-      trial_loss=nan,
+    loss=nan,
+    max_eigenvalue=zero,
+    damping=zero,
+    damping_parameter=zero,
+    predicted_decrease=zero,
+    gradient_norm=zero,
+    eigenvalues=jnp.zeros((num_tangents,), _float_dtype()),
+    step_is_finite=jnp.array(True),
+    num_nonfinite_steps=jnp.zeros((), jnp.int32),
+    rho=nan,
+    step_rejected=jnp.array(False),
+    num_rejected_steps=jnp.zeros((), jnp.int32),
+    step_reverted=jnp.array(False),
+    num_reverted_steps=jnp.zeros((), jnp.int32),
+    trial_loss=nan,
   )
 
 
@@ -130,9 +129,9 @@ def _check_num_recycled(num_recycled) -> int:
     return 0
   if isinstance(num_recycled, bool) or not isinstance(num_recycled, int):
     raise TypeError(
-        "num_recycled must be a Python int (it fixes array shapes); got "
-        f"{type(num_recycled).__name__}. With optax.inject_hyperparams, list it "
-        "in static_args."
+      "num_recycled must be a Python int (it fixes array shapes); got "
+      f"{type(num_recycled).__name__}. With optax.inject_hyperparams, list it "
+      "in static_args."
     )
   if num_recycled < 0:
     raise ValueError(f"num_recycled must be >= 0; got {num_recycled}.")
@@ -140,22 +139,22 @@ def _check_num_recycled(num_recycled) -> int:
 
 
 def scale_by_sofo(
-    num_tangents: int,
-    damping: ArrayLike = 1e-4,
-    *,
-    key: jax.Array,
-    adaptive: bool = True,
-    learning_rate: optax.ScalarOrSchedule = 1.0,
-    step_control: step_control_lib.StepControl = step_control_lib.StepControl(),
-    momentum: Optional[bool] = None,
-    num_recycled: Optional[int] = None,
-    relative_damping: bool = True,
-    tangent_distribution: str = "normalized_gaussian",
-    has_aux: bool = False,
-    aux_example: Any = None,
-    mask: Any = None,
-    data_axis_name: Optional[spmd.AxisName] = None,
-    tangent_axis_name: Optional[str] = None,
+  num_tangents: int,
+  damping: ArrayLike = 1e-4,
+  *,
+  key: jax.Array,
+  adaptive: bool = True,
+  learning_rate: optax.ScalarOrSchedule = 1.0,
+  step_control: step_control_lib.StepControl = step_control_lib.StepControl(),
+  momentum: bool | None = None,
+  num_recycled: int | None = None,
+  relative_damping: bool = True,
+  tangent_distribution: str = "normalized_gaussian",
+  has_aux: bool = False,
+  aux_example: Any = None,
+  mask: Any = None,
+  data_axis_name: spmd.AxisName | None = None,
+  tangent_axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Second-order forward-mode optimisation (SOFO) direction.
 
@@ -307,8 +306,7 @@ def scale_by_sofo(
     raise TypeError("adaptive must be a Python bool.")
   if not isinstance(step_control, step_control_lib.StepControl):
     raise TypeError(
-        "step_control must be a sofo_jax.StepControl; got "
-        f"{type(step_control).__name__}."
+      f"step_control must be a sofo_jax.StepControl; got {type(step_control).__name__}."
     )
   validation.check_learning_rate(learning_rate, owner)
   if momentum is None:  # the paper's optimiser (adaptive=False) has none
@@ -318,9 +316,9 @@ def scale_by_sofo(
   num_recycled = _check_num_recycled(num_recycled)
   if num_recycled + int(momentum) >= num_tangents:
     raise ValueError(
-        f"num_tangents={num_tangents} leaves no fresh random tangent after "
-        f"{num_recycled} recycled and {int(momentum)} momentum tangent(s); "
-        "raise num_tangents or lower num_recycled."
+      f"num_tangents={num_tangents} leaves no fresh random tangent after "
+      f"{num_recycled} recycled and {int(momentum)} momentum tangent(s); "
+      "raise num_tangents or lower num_recycled."
     )
 
   keeps_last_update = momentum or (adaptive and step_control.revert_ratio is not None)
@@ -336,19 +334,19 @@ def scale_by_sofo(
     if not num_recycled:
       return None
     part = tree_lib.partition(params, mask)
-    return tuple(jnp.zeros((num_recycled,) + p.shape, p.dtype) for p in part.trainable)
+    return tuple(jnp.zeros((num_recycled, *p.shape), p.dtype) for p in part.trainable)
 
   def init_fn(params):
     validation.check_params(params, owner, mask)
     aux = validation.zeros_like_example(aux_example)
     return ScaleBySofoState(
-        count=jnp.zeros((), jnp.int32),
-        key=jnp.array(key_data, copy=True),
-        damping=jnp.asarray(damping, _float_dtype()),
-        last_update=last_update_init(params),
-        recycled=recycled_init(params),
-        diagnostics=_initial_diagnostics(num_tangents),
-        aux=aux,
+      count=jnp.zeros((), jnp.int32),
+      key=jnp.array(key_data, copy=True),
+      damping=jnp.asarray(damping, _float_dtype()),
+      last_update=last_update_init(params),
+      recycled=recycled_init(params),
+      diagnostics=_initial_diagnostics(num_tangents),
+      aux=aux,
     )
 
   def update_fn(updates, state, params=None, *, loss_fn=None, **extra_args):
@@ -359,7 +357,7 @@ def scale_by_sofo(
     validation.warn_if_aux_changes_structure(has_aux, state.aux, owner)
     next_key, step_key = codec.split(state.key)
     tangent_leaves = tangents_lib.sample_leaves(
-        step_key, part.trainable, num_fresh, tangent_distribution, part.entry_masks
+      step_key, part.trainable, num_fresh, tangent_distribution, part.entry_masks
     )
     kept = []
     if momentum:
@@ -368,12 +366,16 @@ def scale_by_sofo(
       kept.append(list(state.recycled))
     if kept:
       tangent_leaves = [
-          jnp.concatenate([fresh] + [k[i] for k in kept])
-          for i, fresh in enumerate(tangent_leaves)
+        jnp.concatenate([fresh] + [k[i] for k in kept])
+        for i, fresh in enumerate(tangent_leaves)
       ]
     sketch, aux = sketch_lib.sketch_leaves(
-        loss_fn, part, tangent_leaves, has_aux,
-        data_axis_name=data_axis_name, tangent_axis_name=tangent_axis_name,
+      loss_fn,
+      part,
+      tangent_leaves,
+      has_aux,
+      data_axis_name=data_axis_name,
+      tangent_axis_name=tangent_axis_name,
     )
     value_is_finite = jnp.isfinite(sketch.value)
     # A non-finite loss makes the whole sketch meaningless: skip the step.
@@ -381,18 +383,29 @@ def scale_by_sofo(
     system = solve_lib.eigensystem(gradient, sketch.gauss_newton)
     if adaptive:
       outcome = steps_lib.controlled_step(
-          step_control, state, part, loss_fn, tangent_leaves, sketch, gradient,
-          system, learning_rate, relative_damping, has_aux, data_axis_name,
+        step_control,
+        state,
+        part,
+        loss_fn,
+        tangent_leaves,
+        sketch,
+        gradient,
+        system,
+        learning_rate,
+        relative_damping,
+        has_aux,
+        data_axis_name,
       )
     else:
       outcome = steps_lib.fixed_step(
-          damping, system, gradient, sketch.gauss_newton, tangent_leaves, relative_damping
+        damping, system, gradient, sketch.gauss_newton, tangent_leaves, relative_damping
       )
     eta = learning_rate_lib.learning_rate_at(learning_rate, state.count)
     # An unusable learning rate (traced, so not refused at construction)
     # skips the step: the chain then scales a zero direction by zero.
     direction, direction_is_finite = tangents_lib.zero_if_nonfinite(
-        outcome.direction, learning_rate_lib.is_usable(eta))
+      outcome.direction, learning_rate_lib.is_usable(eta)
+    )
     absolute = solve_lib.absolute_damping(outcome.damping, system, relative_damping)
     step_is_finite = outcome.finite & direction_is_finite
     rejected = outcome.rejected & step_is_finite
@@ -401,63 +414,66 @@ def scale_by_sofo(
       last_update = tuple(-jnp.asarray(eta, d.dtype) * d for d in direction)
     if last_update is not None:
       last_update = tuple(
-          jnp.where(step_is_finite, u, jnp.zeros_like(u)) for u in last_update
+        jnp.where(step_is_finite, u, jnp.zeros_like(u)) for u in last_update
       )
     new_updates = part.fill(direction, tree_lib.zero_update)
     dtype = _float_dtype()
     diagnostics = SofoDiagnostics(
-        loss=sketch.value.astype(dtype),
-        max_eigenvalue=system.max_eigenvalue.astype(dtype),
-        damping=absolute.astype(dtype),
-        damping_parameter=jnp.asarray(outcome.damping).astype(dtype),
-        predicted_decrease=outcome.predicted_decrease.astype(dtype),
-        gradient_norm=solve_lib.scale_safe_norm(sketch.gradient).astype(dtype),
-        eigenvalues=system.eigenvalues.astype(dtype),
-        step_is_finite=step_is_finite,
-        num_nonfinite_steps=state.diagnostics.num_nonfinite_steps
-        + jnp.where(step_is_finite, 0, 1).astype(jnp.int32),
-        rho=jnp.asarray(outcome.rho).astype(dtype),
-        step_rejected=rejected,
-        num_rejected_steps=state.diagnostics.num_rejected_steps
-        + rejected.astype(jnp.int32),
-        step_reverted=outcome.reverted,
-        num_reverted_steps=state.diagnostics.num_reverted_steps
-        + outcome.reverted.astype(jnp.int32),
-        trial_loss=jnp.asarray(outcome.trial_loss).astype(dtype),
+      loss=sketch.value.astype(dtype),
+      max_eigenvalue=system.max_eigenvalue.astype(dtype),
+      damping=absolute.astype(dtype),
+      damping_parameter=jnp.asarray(outcome.damping).astype(dtype),
+      predicted_decrease=outcome.predicted_decrease.astype(dtype),
+      gradient_norm=solve_lib.scale_safe_norm(sketch.gradient).astype(dtype),
+      eigenvalues=system.eigenvalues.astype(dtype),
+      step_is_finite=step_is_finite,
+      num_nonfinite_steps=state.diagnostics.num_nonfinite_steps
+      + jnp.where(step_is_finite, 0, 1).astype(jnp.int32),
+      rho=jnp.asarray(outcome.rho).astype(dtype),
+      step_rejected=rejected,
+      num_rejected_steps=state.diagnostics.num_rejected_steps
+      + rejected.astype(jnp.int32),
+      step_reverted=outcome.reverted,
+      num_reverted_steps=state.diagnostics.num_reverted_steps
+      + outcome.reverted.astype(jnp.int32),
+      trial_loss=jnp.asarray(outcome.trial_loss).astype(dtype),
     )
     new_state = ScaleBySofoState(
-        count=optax.safe_increment(count),
-        key=next_key,
-        damping=jnp.asarray(outcome.next_damping, dtype),
-        last_update=last_update,
-        recycled=steps_lib.top_directions(system, tangent_leaves, num_recycled, state.recycled),
-        diagnostics=diagnostics,
-        aux=aux,
+      count=optax.safe_increment(count),
+      key=next_key,
+      damping=jnp.asarray(outcome.next_damping, dtype),
+      last_update=last_update,
+      recycled=steps_lib.top_directions(
+        system, tangent_leaves, num_recycled, state.recycled
+      ),
+      diagnostics=diagnostics,
+      aux=aux,
     )
     return new_updates, new_state
 
   eager_update = eager_lib.jit_when_eager(
-      update_fn, lambda updates: validation.checked_count(updates, 0, owner))
+    update_fn, lambda updates: validation.checked_count(updates, 0, owner)
+  )
   return optax.GradientTransformationExtraArgs(init_fn, eager_update)
 
 
 def sofo(
-    learning_rate: optax.ScalarOrSchedule,
-    num_tangents: int,
-    damping: ArrayLike = 1e-4,
-    *,
-    key: jax.Array,
-    adaptive: bool = True,
-    step_control: step_control_lib.StepControl = step_control_lib.StepControl(),
-    momentum: Optional[bool] = None,
-    num_recycled: Optional[int] = None,
-    relative_damping: bool = True,
-    tangent_distribution: str = "normalized_gaussian",
-    has_aux: bool = False,
-    aux_example: Any = None,
-    mask: Any = None,
-    data_axis_name: Optional[spmd.AxisName] = None,
-    tangent_axis_name: Optional[str] = None,
+  learning_rate: optax.ScalarOrSchedule,
+  num_tangents: int,
+  damping: ArrayLike = 1e-4,
+  *,
+  key: jax.Array,
+  adaptive: bool = True,
+  step_control: step_control_lib.StepControl = step_control_lib.StepControl(),
+  momentum: bool | None = None,
+  num_recycled: int | None = None,
+  relative_damping: bool = True,
+  tangent_distribution: str = "normalized_gaussian",
+  has_aux: bool = False,
+  aux_example: Any = None,
+  mask: Any = None,
+  data_axis_name: spmd.AxisName | None = None,
+  tangent_axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """SOFO with a learning rate: ``chain(scale_by_sofo(...), scale_by_learning_rate(lr))``.
 
@@ -485,22 +501,22 @@ def sofo(
     True
   """
   return optax.chain(
-      scale_by_sofo(
-          num_tangents,
-          damping,
-          key=key,
-          adaptive=adaptive,
-          learning_rate=learning_rate,
-          step_control=step_control,
-          momentum=momentum,
-          num_recycled=num_recycled,
-          relative_damping=relative_damping,
-          tangent_distribution=tangent_distribution,
-          has_aux=has_aux,
-          aux_example=aux_example,
-          mask=mask,
-          data_axis_name=data_axis_name,
-          tangent_axis_name=tangent_axis_name,
-      ),
-      learning_rate_lib.scale_by_learning_rate(learning_rate),
+    scale_by_sofo(
+      num_tangents,
+      damping,
+      key=key,
+      adaptive=adaptive,
+      learning_rate=learning_rate,
+      step_control=step_control,
+      momentum=momentum,
+      num_recycled=num_recycled,
+      relative_damping=relative_damping,
+      tangent_distribution=tangent_distribution,
+      has_aux=has_aux,
+      aux_example=aux_example,
+      mask=mask,
+      data_axis_name=data_axis_name,
+      tangent_axis_name=tangent_axis_name,
+    ),
+    learning_rate_lib.scale_by_learning_rate(learning_rate),
   )

@@ -14,7 +14,8 @@ zero on the frozen entries.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Union
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -50,8 +51,8 @@ class Partition(NamedTuple):
     """The full pytree with its trainable leaves replaced."""
     replacements = iter(trainable_leaves)
     leaves = [
-        next(replacements) if flag else leaf
-        for flag, leaf in zip(self.trainable_flags, self.leaves)
+      next(replacements) if flag else leaf
+      for flag, leaf in zip(self.trainable_flags, self.leaves)
     ]
     return jax.tree.unflatten(self.treedef, leaves)
 
@@ -59,8 +60,8 @@ class Partition(NamedTuple):
     """A pytree like the full one: given values on trainable leaves, ``other(leaf)`` elsewhere."""
     values = iter(trainable_values)
     leaves = [
-        next(values) if flag else other(leaf)
-        for flag, leaf in zip(self.trainable_flags, self.leaves)
+      next(values) if flag else other(leaf)
+      for flag, leaf in zip(self.trainable_flags, self.leaves)
     ]
     return jax.tree.unflatten(self.treedef, leaves)
 
@@ -69,11 +70,11 @@ def _reject_masked_nodes(params: Any) -> None:
   is_masked = lambda node: isinstance(node, optax.MaskedNode)
   if any(is_masked(leaf) for leaf in jax.tree.leaves(params, is_leaf=is_masked)):
     raise TypeError(
-        "scale_by_sofo received parameters masked by optax.masked, which "
-        "hides the frozen values that the loss closure needs. Pass "
-        "`mask=` to sofo_jax.scale_by_sofo / sofo_jax.sofo instead: SOFO then "
-        "draws tangents only on the selected leaves and leaves the others "
-        "unchanged."
+      "scale_by_sofo received parameters masked by optax.masked, which "
+      "hides the frozen values that the loss closure needs. Pass "
+      "`mask=` to sofo_jax.scale_by_sofo / sofo_jax.sofo instead: SOFO then "
+      "draws tangents only on the selected leaves and leaves the others "
+      "unchanged."
     )
 
 
@@ -83,8 +84,8 @@ def _is_floating(leaf) -> bool:
   dtype = jnp.result_type(leaf)
   if jnp.issubdtype(dtype, jnp.complexfloating):
     raise TypeError(
-        "sofo_jax does not train complex parameters; split them into real "
-        "and imaginary parts."
+      "sofo_jax does not train complex parameters; split them into real "
+      "and imaginary parts."
     )
   return bool(jnp.issubdtype(dtype, jnp.floating))
 
@@ -93,7 +94,7 @@ class _MaskLeafError(ValueError):
   """A mask leaf that is wrong in itself (not a structure mismatch)."""
 
 
-def _as_leaf_bool(m) -> Optional[bool]:
+def _as_leaf_bool(m) -> bool | None:
   """``m`` as a leaf-level Python bool, or None when it is an entry mask."""
   if isinstance(m, (bool, np.bool_)):
     return bool(m)
@@ -110,20 +111,20 @@ def _entry_mask(m, param, path) -> Any:
   where = f"mask{jax.tree_util.keystr(path)}"
   if param is None or not jax.tree_util.treedef_is_leaf(jax.tree.structure(param)):
     raise _MaskLeafError(
-        f"{where} is an array, so it must stand for a single parameter leaf "
-        "(an entry mask of the same shape); there it stands for a subtree. "
-        "Use a Python bool to freeze or train a whole subtree."
+      f"{where} is an array, so it must stand for a single parameter leaf "
+      "(an entry mask of the same shape); there it stands for a subtree. "
+      "Use a Python bool to freeze or train a whole subtree."
     )
   dtype = m.dtype if hasattr(m, "dtype") else jnp.result_type(m)
   if dtype != np.bool_:
     raise _MaskLeafError(
-        f"{where} must have dtype bool (True = trainable entry); got "
-        f"{dtype}. Write e.g. `connectivity != 0`."
+      f"{where} must have dtype bool (True = trainable entry); got "
+      f"{dtype}. Write e.g. `connectivity != 0`."
     )
   if jnp.shape(m) != jnp.shape(param):
     raise _MaskLeafError(
-        f"{where} has shape {jnp.shape(m)}, but the parameter it masks has "
-        f"shape {jnp.shape(param)}; an entry mask must have the same shape."
+      f"{where} has shape {jnp.shape(m)}, but the parameter it masks has "
+      f"shape {jnp.shape(param)}; an entry mask must have the same shape."
     )
   try:
     return np.asarray(m)
@@ -131,7 +132,7 @@ def _entry_mask(m, param, path) -> Any:
     return m  # traced (a callable mask under jit): applied as it is
 
 
-def resolve_mask(mask, params) -> Optional[Any]:
+def resolve_mask(mask, params) -> Any | None:
   """Turns a mask (pytree prefix of bools, or callable) into a full mask tree.
 
   Each leaf of the result is a Python bool, or a boolean array of its
@@ -153,9 +154,9 @@ def resolve_mask(mask, params) -> Optional[Any]:
     raise ValueError(str(error)) from None
   except (ValueError, TypeError) as error:
     raise ValueError(
-        "mask must be a pytree of Python bools with the structure of the "
-        "parameters (or a prefix of it); a leaf may also be a boolean array "
-        f"of its parameter's shape, to freeze single entries: {error}"
+      "mask must be a pytree of Python bools with the structure of the "
+      "parameters (or a prefix of it); a leaf may also be a boolean array "
+      f"of its parameter's shape, to freeze single entries: {error}"
     ) from None
 
 
@@ -193,8 +194,9 @@ def partition(params: Any, mask: Any = None) -> Partition:
   mask_tree = resolve_mask(mask, params)
   if mask_tree is not None:
     # Arrays are leaves of the mask tree, so its leaves line up with params'.
-    resolved = [_leaf_flag_and_mask(f, m)
-                for f, m in zip(flags, jax.tree.leaves(mask_tree))]
+    resolved = [
+      _leaf_flag_and_mask(f, m) for f, m in zip(flags, jax.tree.leaves(mask_tree))
+    ]
     flags = [flag for flag, _ in resolved]
     masks = [m for _, m in resolved]
   trainable = [leaf for flag, leaf in zip(flags, leaves) if flag]
@@ -202,16 +204,18 @@ def partition(params: Any, mask: Any = None) -> Partition:
   return Partition(trainable, tuple(flags), leaves, treedef, entry_masks)
 
 
-def num_trainable(part: Partition) -> Union[int, jax.Array]:
+def num_trainable(part: Partition) -> int | jax.Array:
   """Number of trainable scalars P: entries outside an entry mask do not count.
 
   A Python int, unless an entry mask is traced (then a traced int32).
   """
   counts = [
-      int(jnp.size(leaf)) if m is None
-      else int(m.sum()) if isinstance(m, np.ndarray)
-      else jnp.sum(m, dtype=jnp.int32)
-      for leaf, m in zip(part.trainable, part.entry_masks)
+    int(jnp.size(leaf))
+    if m is None
+    else int(m.sum())
+    if isinstance(m, np.ndarray)
+    else jnp.sum(m, dtype=jnp.int32)
+    for leaf, m in zip(part.trainable, part.entry_masks)
   ]
   return sum(counts)
 
@@ -229,13 +233,13 @@ def trainable_tangents(part: Partition, tangents: Any) -> list:
     tangent_leaves = part.treedef.flatten_up_to(tangents)
   except (ValueError, TypeError):
     raise ValueError(
-        "tangents must have the structure of the parameters (with a leading "
-        f"axis of size K on each leaf); got {jax.tree.structure(tangents)}, "
-        f"expected {part.treedef}."
+      "tangents must have the structure of the parameters (with a leading "
+      f"axis of size K on each leaf); got {jax.tree.structure(tangents)}, "
+      f"expected {part.treedef}."
     ) from None
   return [t for flag, t in zip(part.trainable_flags, tangent_leaves) if flag]
 
 
-def zero_update(leaf) -> Union[jax.Array, None]:
+def zero_update(leaf) -> jax.Array | None:
   """The update of a leaf SOFO does not train: zeros for arrays, else None."""
   return jnp.zeros_like(leaf) if eqx.is_array_like(leaf) else None

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -24,8 +25,8 @@ def _check_nonnegative_scalar(value: Any, name: str, owner: str, kind: str) -> N
     return
   if array.shape != () or not np.issubdtype(array.dtype, np.number):
     raise TypeError(
-        f"{owner}: {name} must be {kind}; got {type(value).__name__} "
-        f"of shape {array.shape} and dtype {array.dtype}."
+      f"{owner}: {name} must be {kind}; got {type(value).__name__} "
+      f"of shape {array.shape} and dtype {array.dtype}."
     )
   if not (np.isfinite(array) and array >= 0):
     raise ValueError(f"{owner}: {name} must be finite and >= 0; got {array}.")
@@ -47,15 +48,16 @@ def check_learning_rate(learning_rate: Any, owner: str) -> None:
   """
   if not callable(learning_rate):
     _check_nonnegative_scalar(
-        learning_rate, "learning_rate", owner, "a real scalar or an optax schedule")
+      learning_rate, "learning_rate", owner, "a real scalar or an optax schedule"
+    )
 
 
-def check_loss_fn(loss_fn: Optional[Callable], owner: str, extra_args: dict) -> None:
+def check_loss_fn(loss_fn: Callable | None, owner: str, extra_args: dict) -> None:
   if loss_fn is None:
     others = f" (received extra arguments {sorted(extra_args)})" if extra_args else ""
     raise ValueError(
-        f"{owner} needs the loss closure: call "
-        "opt.update(grads_or_None, state, params, loss_fn=loss_fn)" + others + "."
+      f"{owner} needs the loss closure: call "
+      "opt.update(grads_or_None, state, params, loss_fn=loss_fn)" + others + "."
     )
   if not callable(loss_fn):
     raise TypeError(f"{owner}: loss_fn must be callable; got {type(loss_fn).__name__}.")
@@ -63,25 +65,27 @@ def check_loss_fn(loss_fn: Optional[Callable], owner: str, extra_args: dict) -> 
 
 def check_params(params: Any, owner: str, mask: Any) -> tree_lib.Partition:
   if params is None:
-    raise ValueError(f"{owner} needs the current params: opt.update(updates, state, params, ...).")
+    raise ValueError(
+      f"{owner} needs the current params: opt.update(updates, state, params, ...)."
+    )
   part = tree_lib.partition(params, mask)
   if not part.trainable:
     raise ValueError(
-        f"{owner} found no floating-point parameters to train (integer and "
-        "boolean leaves, and leaves outside the mask, are left unchanged)."
+      f"{owner} found no floating-point parameters to train (integer and "
+      "boolean leaves, and leaves outside the mask, are left unchanged)."
     )
   return part
 
 
 def _ignored_updates_message(owner: str) -> str:
   return (
-      f"{owner} computes its own step from loss_fn, so the updates passed in "
-      "are ignored, and these are not zero (gradients, or the output of a "
-      "transformation placed before it in a chain?). Pass None as updates "
-      "(optax.apply_if_finite needs a tree: pass optax.tree.zeros_like(params)). "
-      "SOFO must come first in a chain: put clipping, weight decay etc. after "
-      "it, e.g. optax.chain(sofo_jax.scale_by_sofo(...), "
-      "optax.clip_by_global_norm(1.0), optax.scale_by_learning_rate(lr))."
+    f"{owner} computes its own step from loss_fn, so the updates passed in "
+    "are ignored, and these are not zero (gradients, or the output of a "
+    "transformation placed before it in a chain?). Pass None as updates "
+    "(optax.apply_if_finite needs a tree: pass optax.tree.zeros_like(params)). "
+    "SOFO must come first in a chain: put clipping, weight decay etc. after "
+    "it, e.g. optax.chain(sofo_jax.scale_by_sofo(...), "
+    "optax.clip_by_global_norm(1.0), optax.scale_by_learning_rate(lr))."
   )
 
 
@@ -134,10 +138,10 @@ def warn_if_aux_changes_structure(has_aux: bool, stored_aux: Any, owner: str) ->
   """
   if has_aux and stored_aux is None:
     warnings.warn(
-        f"{owner}(has_aux=True) was built without aux_example, so this first "
-        "update changes the state's structure (its aux goes from None to the "
-        "closure's aux): lax.scan over steps fails and jax.jit compiles a "
-        "second time. Pass aux_example=jax.eval_shape(lambda p: "
-        "loss_fn(p)[1], params) when building the optimizer.",
-        stacklevel=3,
+      f"{owner}(has_aux=True) was built without aux_example, so this first "
+      "update changes the state's structure (its aux goes from None to the "
+      "closure's aux): lax.scan over steps fails and jax.jit compiles a "
+      "second time. Pass aux_example=jax.eval_shape(lambda p: "
+      "loss_fn(p)[1], params) when building the optimizer.",
+      stacklevel=3,
     )

@@ -28,36 +28,35 @@ and ``digits`` (feedforward MLP; needs scikit-learn).
 
 from types import ModuleType
 
-from sofo_jax.tasks import delayed_addition
-from sofo_jax.tasks import digits
-from sofo_jax.tasks import double_reach
-from sofo_jax.tasks import flip_flop
-from sofo_jax.tasks import kalman
-from sofo_jax.tasks import lorenz
-from sofo_jax.tasks._arm import ArmParameters
-from sofo_jax.tasks._arm import ArmState
-from sofo_jax.tasks._base import Task
-from sofo_jax.tasks._base import TaskConfig
+from sofo_jax.tasks import (
+  delayed_addition,
+  digits,
+  double_reach,
+  flip_flop,
+  kalman,
+  lorenz,
+)
+from sofo_jax.tasks._arm import ArmParameters, ArmState
+from sofo_jax.tasks._base import Task, TaskConfig
 from sofo_jax.tasks._rnn import LeakyRNN
 
 #: Task modules by name; each has ``Config``, ``generate`` and ``make``.
 TASKS: dict[str, ModuleType] = {
-    module.NAME: module
-    for module in (flip_flop, lorenz, kalman, double_reach, delayed_addition,
-                   digits)
+  module.NAME: module
+  for module in (flip_flop, lorenz, kalman, double_reach, delayed_addition, digits)
 }
 
 __all__ = (
-    "ArmParameters",
-    "ArmState",
-    "LeakyRNN",
-    "TASKS",
-    "Task",
-    "TaskConfig",
-    "delayed_addition",
-    "digits",
-    "double_reach",
-    "flip_flop",
-    "kalman",
-    "lorenz",
+  "TASKS",
+  "ArmParameters",
+  "ArmState",
+  "LeakyRNN",
+  "Task",
+  "TaskConfig",
+  "delayed_addition",
+  "digits",
+  "double_reach",
+  "flip_flop",
+  "kalman",
+  "lorenz",
 )

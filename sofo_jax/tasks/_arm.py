@@ -75,8 +75,9 @@ class ArmState(NamedTuple):
   theta_dot: Float[Array, "*b 2"]
 
 
-def mass_matrix(theta: Float[Array, "*b 2"], p: ArmParameters = ArmParameters()
-                ) -> Float[Array, "*b 2 2"]:
+def mass_matrix(
+  theta: Float[Array, "*b 2"], p: ArmParameters = ArmParameters()
+) -> Float[Array, "*b 2 2"]:
   r"""Inertia matrix of the arm.
 
   .. math::
@@ -100,8 +101,9 @@ def damping_matrix(p: ArmParameters = ArmParameters()) -> Array:
   return jnp.array([[p.b11, p.b12], [p.b12, p.b22]])
 
 
-def acceleration(state: ArmState, torque: Float[Array, "*b 2"],
-                 p: ArmParameters = ArmParameters()) -> Float[Array, "*b 2"]:
+def acceleration(
+  state: ArmState, torque: Float[Array, "*b 2"], p: ArmParameters = ArmParameters()
+) -> Float[Array, "*b 2"]:
   r"""Joint accelerations from the equations of motion.
 
   .. math::
@@ -124,9 +126,17 @@ def acceleration(state: ArmState, torque: Float[Array, "*b 2"],
   theta, omega = state
   a2 = p.m2 * p.l1 * p.s2
   sin2 = jnp.sin(theta[..., 1])
-  coriolis = a2 * sin2[..., None] * jnp.stack(
-      [-omega[..., 1] * (2.0 * omega[..., 0] + omega[..., 1]),
-       jnp.square(omega[..., 0])], -1)
+  coriolis = (
+    a2
+    * sin2[..., None]
+    * jnp.stack(
+      [
+        -omega[..., 1] * (2.0 * omega[..., 0] + omega[..., 1]),
+        jnp.square(omega[..., 0]),
+      ],
+      -1,
+    )
+  )
   damping = omega @ damping_matrix(p).astype(omega.dtype).T
   rhs = torque - coriolis - damping
   m = mass_matrix(theta, p).astype(rhs.dtype)
@@ -137,24 +147,35 @@ def acceleration(state: ArmState, torque: Float[Array, "*b 2"],
   return jnp.stack([acc0, acc1], -1) / det[..., None]
 
 
-def step(state: ArmState, torque: Float[Array, "*b 2"], dt: float,
-         p: ArmParameters = ArmParameters()) -> ArmState:
+def step(
+  state: ArmState,
+  torque: Float[Array, "*b 2"],
+  dt: float,
+  p: ArmParameters = ArmParameters(),
+) -> ArmState:
   """One semi-implicit Euler step of length ``dt`` under constant torque."""
   omega = state.theta_dot + dt * acceleration(state, torque, p)
   return ArmState(state.theta + dt * omega, omega)
 
 
-def hand_position(theta: Float[Array, "*b 2"],
-                  p: ArmParameters = ArmParameters()) -> Float[Array, "*b 2"]:
+def hand_position(
+  theta: Float[Array, "*b 2"], p: ArmParameters = ArmParameters()
+) -> Float[Array, "*b 2"]:
   """Cartesian hand position (shoulder at the origin), in metres."""
   t1 = theta[..., 0]
   t12 = t1 + theta[..., 1]
-  return jnp.stack([p.l1 * jnp.cos(t1) + p.l2 * jnp.cos(t12),
-                    p.l1 * jnp.sin(t1) + p.l2 * jnp.sin(t12)], -1)
+  return jnp.stack(
+    [
+      p.l1 * jnp.cos(t1) + p.l2 * jnp.cos(t12),
+      p.l1 * jnp.sin(t1) + p.l2 * jnp.sin(t12),
+    ],
+    -1,
+  )
 
 
-def hand_velocity(state: ArmState, p: ArmParameters = ArmParameters()
-                  ) -> Float[Array, "*b 2"]:
+def hand_velocity(
+  state: ArmState, p: ArmParameters = ArmParameters()
+) -> Float[Array, "*b 2"]:
   """Cartesian hand velocity ``J(theta) theta_dot``, in metres per second."""
   theta, omega = state
   t1 = theta[..., 0]
@@ -162,12 +183,17 @@ def hand_velocity(state: ArmState, p: ArmParameters = ArmParameters()
   w1 = omega[..., 0]
   w12 = w1 + omega[..., 1]
   return jnp.stack(
-      [-p.l1 * jnp.sin(t1) * w1 - p.l2 * jnp.sin(t12) * w12,
-       p.l1 * jnp.cos(t1) * w1 + p.l2 * jnp.cos(t12) * w12], -1)
+    [
+      -p.l1 * jnp.sin(t1) * w1 - p.l2 * jnp.sin(t12) * w12,
+      p.l1 * jnp.cos(t1) * w1 + p.l2 * jnp.cos(t12) * w12,
+    ],
+    -1,
+  )
 
 
-def kinetic_energy(state: ArmState, p: ArmParameters = ArmParameters()
-                   ) -> Float[Array, "*b"]:
+def kinetic_energy(
+  state: ArmState, p: ArmParameters = ArmParameters()
+) -> Float[Array, "*b"]:
   """Mechanical (kinetic) energy ``0.5 theta_dot^T M theta_dot``, in joules."""
   m = mass_matrix(state.theta, p).astype(state.theta_dot.dtype)
   omega = state.theta_dot

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import equinox as eqx
 import jax
@@ -84,8 +85,9 @@ class Task:
     return self.loss_fn(params, batch).value
 
 
-def partition_model(build: Callable[[PRNGKeyArray], Any]
-                    ) -> tuple[Callable[[PRNGKeyArray], Params], Any]:
+def partition_model(
+  build: Callable[[PRNGKeyArray], Any],
+) -> tuple[Callable[[PRNGKeyArray], Params], Any]:
   """Splits an equinox model factory into ``init_params`` and a static part.
 
   Args:
@@ -98,8 +100,7 @@ def partition_model(build: Callable[[PRNGKeyArray], Any]
     nothing is computed here.
   """
   shapes = eqx.filter_eval_shape(build, jax.random.key(0))
-  _, static = eqx.partition(
-      shapes, lambda leaf: isinstance(leaf, jax.ShapeDtypeStruct))
+  _, static = eqx.partition(shapes, lambda leaf: isinstance(leaf, jax.ShapeDtypeStruct))
 
   def init_params(key: PRNGKeyArray) -> Params:
     return eqx.partition(build(key), eqx.is_array)[0]

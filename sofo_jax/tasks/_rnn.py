@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import equinox as eqx
 import jax
@@ -11,8 +11,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 _ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "tanh": jnp.tanh,
-    "relu": jax.nn.relu,
+  "tanh": jnp.tanh,
+  "relu": jax.nn.relu,
 }
 
 
@@ -68,17 +68,17 @@ class LeakyRNN(eqx.Module):
   activation: str = eqx.field(static=True)
 
   def __init__(
-      self,
-      num_inputs: int,
-      num_hidden: int,
-      num_outputs: int,
-      *,
-      leak: float,
-      activation: str,
-      key: PRNGKeyArray,
-      gain: float = 0.9,
-      readout_scale: float = 1.0,
-      dtype=jnp.float32,
+    self,
+    num_inputs: int,
+    num_hidden: int,
+    num_outputs: int,
+    *,
+    leak: float,
+    activation: str,
+    key: PRNGKeyArray,
+    gain: float = 0.9,
+    readout_scale: float = 1.0,
+    dtype=jnp.float32,
   ):
     """Builds a randomly initialised network.
 
@@ -95,24 +95,30 @@ class LeakyRNN(eqx.Module):
     """
     if activation not in _ACTIVATIONS:
       raise ValueError(
-          f"`activation` must be one of {sorted(_ACTIVATIONS)}, got "
-          f"{activation!r}."
+        f"`activation` must be one of {sorted(_ACTIVATIONS)}, got {activation!r}."
       )
     if not 0.0 < leak <= 1.0:
       raise ValueError(f"`leak` must lie in (0, 1], got {leak!r}.")
-    for name, value in (("num_inputs", num_inputs), ("num_hidden", num_hidden),
-                        ("num_outputs", num_outputs)):
+    for name, value in (
+      ("num_inputs", num_inputs),
+      ("num_hidden", num_hidden),
+      ("num_outputs", num_outputs),
+    ):
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-    shapes = [(num_hidden, num_hidden), (num_hidden, num_inputs),
-              (num_outputs, num_hidden)]
+    shapes = [
+      (num_hidden, num_hidden),
+      (num_hidden, num_inputs),
+      (num_outputs, num_hidden),
+    ]
     sizes = [math.prod(shape) for shape in shapes]
     # One draw for all weights: every random call adds its own generator
     # kernel to the compiled program, and those dominate compile time.
     noise = jax.random.normal(key, (sum(sizes),), dtype)
     w_rec, w_in, w_out = (
-        z.reshape(shape) for z, shape in
-        zip(jnp.split(noise, [sizes[0], sizes[0] + sizes[1]]), shapes))
+      z.reshape(shape)
+      for z, shape in zip(jnp.split(noise, [sizes[0], sizes[0] + sizes[1]]), shapes)
+    )
     self.w_rec = gain / math.sqrt(num_hidden) * w_rec
     self.w_in = w_in / math.sqrt(num_inputs)
     self.bias = jnp.zeros((num_hidden,), dtype)
@@ -127,10 +133,11 @@ class LeakyRNN(eqx.Module):
 
   def initial_state(self, batch_shape: tuple[int, ...] = ()) -> Array:
     """The zero hidden state, shape ``batch_shape + (n,)``."""
-    return jnp.zeros(batch_shape + (self.num_hidden,), self.w_rec.dtype)
+    return jnp.zeros((*batch_shape, self.num_hidden), self.w_rec.dtype)
 
-  def __call__(self, h: Float[Array, "*b n"], x: Float[Array, "*b i"]
-               ) -> Float[Array, "*b n"]:
+  def __call__(
+    self, h: Float[Array, "*b n"], x: Float[Array, "*b i"]
+  ) -> Float[Array, "*b n"]:
     """One step of the leaky dynamics: ``h_t, x_t -> h_{t+1}``."""
     phi = _ACTIVATIONS[self.activation]
     drive = h @ self.w_rec.T + x @ self.w_in.T + self.bias

@@ -87,10 +87,9 @@ class Config:
   adam_learning_rate: float = 1e-3
 
   @classmethod
-  def quick(cls) -> "Config":
+  def quick(cls) -> Config:
     """A tiny configuration for tests: 8 units, 4 trials of 20 steps."""
-    return cls(num_hidden=8, num_steps=20, first_window=4, batch_size=4,
-               num_tangents=8)
+    return cls(num_hidden=8, num_steps=20, first_window=4, batch_size=4, num_tangents=8)
 
 
 def generate(key: PRNGKeyArray, config: Config) -> dict[str, Array]:
@@ -107,16 +106,18 @@ def generate(key: PRNGKeyArray, config: Config) -> dict[str, Array]:
   values = u[:-2]
 
   def uniform_int(u, low, high):  # uniform on {low, ..., high - 1}
-    return jnp.minimum(low + jnp.floor(u * (high - low)).astype(jnp.int32),
-                       high - 1)
+    return jnp.minimum(low + jnp.floor(u * (high - low)).astype(jnp.int32), high - 1)
 
   t1 = uniform_int(u[-2], 0, config.first_window)
   t2 = uniform_int(u[-1], t1 + 1, config.num_steps // 2 + 1)
   steps = jnp.arange(config.num_steps)[:, None]
   marks = ((steps == t1) | (steps == t2)).astype(values.dtype)
   target = jnp.sum(values * marks, axis=0)[:, None]
-  return {"inputs": jnp.stack([values, marks], -1), "target": target,
-          "marks": jnp.stack([t1, t2], -1).astype(jnp.int32)}
+  return {
+    "inputs": jnp.stack([values, marks], -1),
+    "target": target,
+    "marks": jnp.stack([t1, t2], -1).astype(jnp.int32),
+  }
 
 
 def make(config: Config = Config()) -> _base.Task:
@@ -135,13 +136,21 @@ def make(config: Config = Config()) -> _base.Task:
     _base.check_positive(name, getattr(config, name))
   if not config.first_window <= config.num_steps // 2:
     raise ValueError(
-        "`first_window` must not exceed num_steps // 2, so that the second "
-        f"mark can follow the first (got {config.first_window} and "
-        f"{config.num_steps}).")
+      "`first_window` must not exceed num_steps // 2, so that the second "
+      f"mark can follow the first (got {config.first_window} and "
+      f"{config.num_steps})."
+    )
 
   def build(key):
-    return LeakyRNN(2, config.num_hidden, 1, leak=config.leak,
-                    activation="relu", gain=config.gain, key=key)
+    return LeakyRNN(
+      2,
+      config.num_hidden,
+      1,
+      leak=config.leak,
+      activation="relu",
+      gain=config.gain,
+      key=key,
+    )
 
   init_params, static = _base.partition_model(build)
 
@@ -152,8 +161,9 @@ def make(config: Config = Config()) -> _base.Task:
     def step(h, x):
       return model(h, x), None
 
-    h, _ = jax.lax.scan(step, model.initial_state((config.batch_size,)),
-                        batch["inputs"])
+    h, _ = jax.lax.scan(
+      step, model.initial_state((config.batch_size,)), batch["inputs"]
+    )
     return model.readout(h)
 
   def loss_fn(params, batch):
@@ -163,9 +173,11 @@ def make(config: Config = Config()) -> _base.Task:
   def metrics(params, batch):
     y = final_output(eqx.combine(params, static), batch)
     mse = _base.mean_sq_error(y, batch["target"])
-    return {"mse": mse, "normalised_mse": mse / TARGET_VARIANCE,
-            "accuracy": jnp.mean(jnp.abs(y - batch["target"])
-                                 < config.tolerance)}
+    return {
+      "mse": mse,
+      "normalised_mse": mse / TARGET_VARIANCE,
+      "accuracy": jnp.mean(jnp.abs(y - batch["target"]) < config.tolerance),
+    }
 
   def outputs(params, batch):
     model = eqx.combine(params, static)
@@ -174,11 +186,17 @@ def make(config: Config = Config()) -> _base.Task:
       h = model(h, x)
       return h, model.readout(h)
 
-    _, ys = jax.lax.scan(step, model.initial_state((config.batch_size,)),
-                         batch["inputs"])
-    return {"outputs": ys, "target": batch["target"],
-            "inputs": batch["inputs"]}
+    _, ys = jax.lax.scan(
+      step, model.initial_state((config.batch_size,)), batch["inputs"]
+    )
+    return {"outputs": ys, "target": batch["target"], "inputs": batch["inputs"]}
 
-  return _base.Task(name=NAME, config=config, init_params=init_params,
-                    sample_batch=sample_batch, loss_fn=loss_fn,
-                    metrics=metrics, outputs=outputs)
+  return _base.Task(
+    name=NAME,
+    config=config,
+    init_params=init_params,
+    sample_batch=sample_batch,
+    loss_fn=loss_fn,
+    metrics=metrics,
+    outputs=outputs,
+  )

@@ -79,7 +79,7 @@ class Config:
   adam_learning_rate: float = 1e-3
 
   @classmethod
-  def quick(cls) -> "Config":
+  def quick(cls) -> Config:
     """A small configuration for tests: width 16, batch 32, K = 8."""
     return cls(width=16, batch_size=32, num_tangents=8)
 
@@ -100,10 +100,14 @@ def load(config: Config = Config()) -> dict[str, np.ndarray]:
   images = (data.data / 16.0).astype(np.float32)
   labels = data.target.astype(np.int32)
   order = np.random.default_rng(config.split_seed).permutation(len(labels))
-  num_test = int(round(config.test_fraction * len(labels)))
+  num_test = round(config.test_fraction * len(labels))
   test, train = order[:num_test], order[num_test:]
-  return {"train_images": images[train], "train_labels": labels[train],
-          "test_images": images[test], "test_labels": labels[test]}
+  return {
+    "train_images": images[train],
+    "train_labels": labels[train],
+    "test_images": images[test],
+    "test_labels": labels[test],
+  }
 
 
 def make(config: Config = Config()) -> _base.Task:
@@ -122,7 +126,8 @@ def make(config: Config = Config()) -> _base.Task:
     _base.check_positive(name, getattr(config, name))
   if not 0.0 < config.test_fraction < 1.0:
     raise ValueError(
-        f"`test_fraction` must lie in (0, 1), got {config.test_fraction!r}.")
+      f"`test_fraction` must lie in (0, 1), got {config.test_fraction!r}."
+    )
   data = load(config)
   train_images = jnp.asarray(data["train_images"])
   train_labels = jnp.asarray(data["train_labels"])
@@ -130,39 +135,53 @@ def make(config: Config = Config()) -> _base.Task:
   test_labels = jnp.asarray(data["test_labels"])
 
   def build(key):
-    return eqx.nn.MLP(NUM_FEATURES, NUM_CLASSES, config.width, config.depth,
-                      activation=jnp.tanh, key=key)
+    return eqx.nn.MLP(
+      NUM_FEATURES,
+      NUM_CLASSES,
+      config.width,
+      config.depth,
+      activation=jnp.tanh,
+      key=key,
+    )
 
   init_params, static = _base.partition_model(build)
 
   def sample_batch(key):
-    index = jax.random.randint(key, (config.batch_size,), 0,
-                               train_labels.shape[0])
+    index = jax.random.randint(key, (config.batch_size,), 0, train_labels.shape[0])
     return {"images": train_images[index], "labels": train_labels[index]}
 
   def logits(params, images):
     return jax.vmap(eqx.combine(params, static))(images)
 
   def loss_fn(params, batch):
-    return losses.softmax_cross_entropy(logits(params, batch["images"]),
-                                        batch["labels"])
+    return losses.softmax_cross_entropy(
+      logits(params, batch["images"]), batch["labels"]
+    )
 
   def evaluate(params, images, labels):
     z = logits(params, images)
-    loss = jnp.mean(
-        optax.softmax_cross_entropy_with_integer_labels(z, labels))
+    loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(z, labels))
     return loss, jnp.mean(jnp.argmax(z, -1) == labels)
 
   def metrics(params, batch):
     loss, accuracy = evaluate(params, batch["images"], batch["labels"])
     test_loss, test_accuracy = evaluate(params, test_images, test_labels)
-    return {"loss": loss, "accuracy": accuracy, "test_loss": test_loss,
-            "test_accuracy": test_accuracy}
+    return {
+      "loss": loss,
+      "accuracy": accuracy,
+      "test_loss": test_loss,
+      "test_accuracy": test_accuracy,
+    }
 
   def outputs(params, batch):
-    return {"logits": logits(params, batch["images"]),
-            "labels": batch["labels"]}
+    return {"logits": logits(params, batch["images"]), "labels": batch["labels"]}
 
-  return _base.Task(name=NAME, config=config, init_params=init_params,
-                    sample_batch=sample_batch, loss_fn=loss_fn,
-                    metrics=metrics, outputs=outputs)
+  return _base.Task(
+    name=NAME,
+    config=config,
+    init_params=init_params,
+    sample_batch=sample_batch,
+    loss_fn=loss_fn,
+    metrics=metrics,
+    outputs=outputs,
+  )

@@ -69,24 +69,38 @@ import jax.numpy as jnp
 from jaxtyping import Array, PRNGKeyArray
 
 from sofo_jax import losses
-from sofo_jax.tasks import _arm
-from sofo_jax.tasks import _base
-from sofo_jax.tasks._arm import acceleration
-from sofo_jax.tasks._arm import ArmParameters
-from sofo_jax.tasks._arm import ArmState
-from sofo_jax.tasks._arm import damping_matrix
-from sofo_jax.tasks._arm import hand_position
-from sofo_jax.tasks._arm import hand_velocity
-from sofo_jax.tasks._arm import kinetic_energy
-from sofo_jax.tasks._arm import mass_matrix
+from sofo_jax.tasks import _arm, _base
+from sofo_jax.tasks._arm import (
+  ArmParameters,
+  ArmState,
+  acceleration,
+  damping_matrix,
+  hand_position,
+  hand_velocity,
+  kinetic_energy,
+  mass_matrix,
+)
 from sofo_jax.tasks._arm import step as arm_step
 from sofo_jax.tasks._rnn import LeakyRNN
 
 __all__ = (
-    "ArmParameters", "ArmState", "Config", "INITIAL_THETA", "NAME",
-    "acceleration", "arm_step", "damping_matrix", "generate", "hand_position",
-    "hand_velocity", "initial_state", "kinetic_energy", "make", "mass_matrix",
-    "phase", "start_position",
+  "INITIAL_THETA",
+  "NAME",
+  "ArmParameters",
+  "ArmState",
+  "Config",
+  "acceleration",
+  "arm_step",
+  "damping_matrix",
+  "generate",
+  "hand_position",
+  "hand_velocity",
+  "initial_state",
+  "kinetic_energy",
+  "make",
+  "mass_matrix",
+  "phase",
+  "start_position",
 )
 
 NAME = "double_reach"
@@ -140,36 +154,43 @@ class Config:
   adam_learning_rate: float = 1e-3
 
   @classmethod
-  def quick(cls) -> "Config":
+  def quick(cls) -> Config:
     """A tiny configuration for tests: 8 units, 4 trials of 40 steps.
 
     Time is compressed (10 ms steps, 0.4 s trials) so that every phase of the
     trial still occurs.
     """
-    return cls(num_hidden=8, dt=0.01, duration=0.4, prep_range=(0.05, 0.1),
-               second_cue_delay=0.15, movement_time=0.05, batch_size=4,
-               num_tangents=8)
+    return cls(
+      num_hidden=8,
+      dt=0.01,
+      duration=0.4,
+      prep_range=(0.05, 0.1),
+      second_cue_delay=0.15,
+      movement_time=0.05,
+      batch_size=4,
+      num_tangents=8,
+    )
 
   @property
   def num_steps(self) -> int:
-    return int(round(self.duration / self.dt))
+    return round(self.duration / self.dt)
 
   def steps(self, seconds: float) -> int:
     """Converts a duration in seconds to a whole number of steps."""
-    return int(round(seconds / self.dt))
+    return round(seconds / self.dt)
 
 
 def initial_state(config: Config) -> ArmState:
   """The resting arm at the initial posture, batched."""
-  theta = jnp.broadcast_to(jnp.asarray(INITIAL_THETA, jnp.float32),
-                           (config.batch_size, 2))
+  theta = jnp.broadcast_to(
+    jnp.asarray(INITIAL_THETA, jnp.float32), (config.batch_size, 2)
+  )
   return ArmState(theta, jnp.zeros_like(theta))
 
 
 def start_position(config: Config) -> Array:
   """Hand position at the initial posture, shape ``(2,)``."""
-  return _arm.hand_position(jnp.asarray(INITIAL_THETA, jnp.float32),
-                            config.arm)
+  return _arm.hand_position(jnp.asarray(INITIAL_THETA, jnp.float32), config.arm)
 
 
 def generate(key: PRNGKeyArray, config: Config) -> dict[str, Array]:
@@ -189,21 +210,22 @@ def generate(key: PRNGKeyArray, config: Config) -> dict[str, Array]:
     angle = 2.0 * math.pi * u_angle
     low, high = config.target_radius_range
     radius = low + (high - low) * u_radius
-    return start + radius[:, None] * jnp.stack(
-        [jnp.cos(angle), jnp.sin(angle)], -1)
+    return start + radius[:, None] * jnp.stack([jnp.cos(angle), jnp.sin(angle)], -1)
 
-  first, last = (config.steps(config.prep_range[0]),
-                 config.steps(config.prep_range[1]))
+  first, last = (config.steps(config.prep_range[0]), config.steps(config.prep_range[1]))
   # Uniform on {first, ..., last}.
   go1 = jnp.minimum(first + jnp.floor(u[4] * (last - first + 1)), last)
   go1 = go1.astype(jnp.int32)
   go2 = go1 + config.steps(config.second_cue_delay)
-  return {"target1": target(u[0], u[1]), "target2": target(u[2], u[3]),
-          "go1": go1, "go2": go2}
+  return {
+    "target1": target(u[0], u[1]),
+    "target2": target(u[2], u[3]),
+    "go1": go1,
+    "go2": go2,
+  }
 
 
-def phase(t: Array, batch: dict[str, Array], config: Config
-          ) -> tuple[Array, Array]:
+def phase(t: Array, batch: dict[str, Array], config: Config) -> tuple[Array, Array]:
   """Target hand position and loss weight of every trial at step ``t``.
 
   Returns:
@@ -212,12 +234,15 @@ def phase(t: Array, batch: dict[str, Array], config: Config
   go1, go2 = batch["go1"], batch["go2"]
   move = config.steps(config.movement_time)
   start = jnp.broadcast_to(start_position(config), batch["target1"].shape)
-  position = jnp.where((t < go1)[:, None], start,
-                       jnp.where((t < go2)[:, None], batch["target1"],
-                                 batch["target2"]))
+  position = jnp.where(
+    (t < go1)[:, None],
+    start,
+    jnp.where((t < go2)[:, None], batch["target1"], batch["target2"]),
+  )
   holding = ((t >= go1 + move) & (t < go2)) | (t >= go2 + move)
-  weight = jnp.where(t < go1, config.prep_weight,
-                     jnp.where(holding, config.hold_weight, 0.0))
+  weight = jnp.where(
+    t < go1, config.prep_weight, jnp.where(holding, config.hold_weight, 0.0)
+  )
   return position, weight
 
 
@@ -238,24 +263,32 @@ def make(config: Config = Config()) -> _base.Task:
     _base.check_positive(name, getattr(config, name))
   if not config.dt <= config.tau:
     raise ValueError("`dt` must not exceed `tau`.")
-  last_go2 = config.steps(config.prep_range[1]) + config.steps(
-      config.second_cue_delay)
-  if not 0 < config.steps(config.prep_range[0]) <= config.steps(
-      config.prep_range[1]) or last_go2 >= config.num_steps:
+  last_go2 = config.steps(config.prep_range[1]) + config.steps(config.second_cue_delay)
+  if (
+    not 0 < config.steps(config.prep_range[0]) <= config.steps(config.prep_range[1])
+    or last_go2 >= config.num_steps
+  ):
     raise ValueError(
-        "The trial must contain a preparation period and both go cues: need "
-        "0 < prep_range[0] <= prep_range[1] and prep_range[1] + "
-        f"second_cue_delay < duration (got {config.prep_range}, "
-        f"{config.second_cue_delay}, {config.duration}).")
+      "The trial must contain a preparation period and both go cues: need "
+      "0 < prep_range[0] <= prep_range[1] and prep_range[1] + "
+      f"second_cue_delay < duration (got {config.prep_range}, "
+      f"{config.second_cue_delay}, {config.duration})."
+    )
 
   num_steps = config.num_steps
   start = start_position(config)
   theta0 = jnp.asarray(INITIAL_THETA, jnp.float32)
 
   def build(key):
-    return LeakyRNN(NUM_INPUTS, config.num_hidden, 2,
-                    leak=config.dt / config.tau, activation="relu",
-                    readout_scale=config.readout_scale, key=key)
+    return LeakyRNN(
+      NUM_INPUTS,
+      config.num_hidden,
+      2,
+      leak=config.dt / config.tau,
+      activation="relu",
+      readout_scale=config.readout_scale,
+      key=key,
+    )
 
   init_params, static = _base.partition_model(build)
 
@@ -264,13 +297,15 @@ def make(config: Config = Config()) -> _base.Task:
 
   def network_inputs(t, arm, batch):
     preparing = (t < batch["go1"])[:, None]
-    cues = jnp.concatenate(
-        [preparing, (t < batch["go2"])[:, None]], -1).astype(jnp.float32)
-    targets = jnp.concatenate(
-        [batch["target1"] - start, batch["target2"] - start], -1) / _TARGET_UNIT
+    cues = jnp.concatenate([preparing, (t < batch["go2"])[:, None]], -1).astype(
+      jnp.float32
+    )
+    targets = (
+      jnp.concatenate([batch["target1"] - start, batch["target2"] - start], -1)
+      / _TARGET_UNIT
+    )
     targets = jnp.where(preparing, targets, 0.0)
-    return jnp.concatenate([cues, targets, arm.theta - theta0, arm.theta_dot],
-                           -1)
+    return jnp.concatenate([cues, targets, arm.theta - theta0, arm.theta_dot], -1)
 
   def advance(model, carry, t, batch):
     """One step: network update, torque, arm step, weighted hand error."""
@@ -298,7 +333,8 @@ def make(config: Config = Config()) -> _base.Task:
       return (state, total + losses.mse(outputs, targets)), None
 
     (_, total), _ = jax.lax.scan(
-        step, (initial_carry(model), losses.zero()), jnp.arange(num_steps))
+      step, (initial_carry(model), losses.zero()), jnp.arange(num_steps)
+    )
     return total / num_steps
 
   def metrics(params, batch):
@@ -314,30 +350,44 @@ def make(config: Config = Config()) -> _base.Task:
       err1 = err1 + jnp.mean(jnp.where(t == batch["go2"] - 1, dist1, 0.0))
       err2 = err2 + jnp.where(t == num_steps - 1, jnp.mean(dist2), 0.0)
       held = weight > 0
-      speed = speed + jnp.sum(jnp.where(held, jnp.linalg.norm(vel, axis=-1),
-                                        0.0))
+      speed = speed + jnp.sum(jnp.where(held, jnp.linalg.norm(vel, axis=-1), 0.0))
       penalised = penalised + jnp.sum(held)
       return (state, total, err1, err2, speed, penalised), None
 
     z = jnp.zeros(())
     (_, total, err1, err2, speed, penalised), _ = jax.lax.scan(
-        step, (initial_carry(model), z, z, z, z, z), jnp.arange(num_steps))
-    return {"loss": total / num_steps, "reach_error_1": err1,
-            "reach_error_2": err2,
-            "hold_speed": speed / jnp.maximum(penalised, 1.0)}
+      step, (initial_carry(model), z, z, z, z, z), jnp.arange(num_steps)
+    )
+    return {
+      "loss": total / num_steps,
+      "reach_error_1": err1,
+      "reach_error_2": err2,
+      "hold_speed": speed / jnp.maximum(penalised, 1.0),
+    }
 
   def outputs(params, batch):
     model = eqx.combine(params, static)
 
     def step(state, t):
       state, torque, pos, vel, target, weight = advance(model, state, t, batch)
-      return state, {"hand_position": pos, "hand_velocity": vel,
-                     "torque": torque, "theta": state[1].theta,
-                     "target_position": target, "weight": weight}
+      return state, {
+        "hand_position": pos,
+        "hand_velocity": vel,
+        "torque": torque,
+        "theta": state[1].theta,
+        "target_position": target,
+        "weight": weight,
+      }
 
     _, out = jax.lax.scan(step, initial_carry(model), jnp.arange(num_steps))
     return out
 
-  return _base.Task(name=NAME, config=config, init_params=init_params,
-                    sample_batch=sample_batch, loss_fn=loss_fn,
-                    metrics=metrics, outputs=outputs)
+  return _base.Task(
+    name=NAME,
+    config=config,
+    init_params=init_params,
+    sample_batch=sample_batch,
+    loss_fn=loss_fn,
+    metrics=metrics,
+    outputs=outputs,
+  )

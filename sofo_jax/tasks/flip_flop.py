@@ -90,10 +90,9 @@ class Config:
   adam_learning_rate: float = 1e-3
 
   @classmethod
-  def quick(cls) -> "Config":
+  def quick(cls) -> Config:
     """A tiny configuration for tests: 8 units, 4 trials of 20 steps."""
-    return cls(num_hidden=8, num_steps=20, pulse_prob=0.2, batch_size=4,
-               num_tangents=8)
+    return cls(num_hidden=8, num_steps=20, pulse_prob=0.2, batch_size=4, num_tangents=8)
 
 
 def generate(key: PRNGKeyArray, config: Config) -> dict[str, Array]:
@@ -111,7 +110,7 @@ def generate(key: PRNGKeyArray, config: Config) -> dict[str, Array]:
 
   def step(carry, key):
     remaining, sign, last = carry
-    u = jax.random.uniform(key, (2,) + shape)
+    u = jax.random.uniform(key, (2, *shape))
     start = (remaining == 0) & (u[0] < config.pulse_prob)
     new_sign = jnp.where(u[1] < 0.5, 1.0, -1.0)
     sign = jnp.where(start, new_sign, sign)
@@ -123,7 +122,8 @@ def generate(key: PRNGKeyArray, config: Config) -> dict[str, Array]:
 
   init = (jnp.zeros(shape, jnp.int32), jnp.zeros(shape), jnp.zeros(shape))
   _, (inputs, targets) = jax.lax.scan(
-      step, init, _base.time_keys(key, config.num_steps))
+    step, init, _base.time_keys(key, config.num_steps)
+  )
   return {"inputs": inputs, "targets": targets}
 
 
@@ -139,17 +139,21 @@ def make(config: Config = Config()) -> _base.Task:
     the target's sign).
   """
   _base.check_common(config)
-  for name in ("num_bits", "num_hidden", "num_steps", "pulse_duration",
-               "tau"):
+  for name in ("num_bits", "num_hidden", "num_steps", "pulse_duration", "tau"):
     _base.check_positive(name, getattr(config, name))
   if not 0.0 <= config.pulse_prob <= 1.0:
-    raise ValueError(f"`pulse_prob` must lie in [0, 1], got "
-                     f"{config.pulse_prob!r}.")
+    raise ValueError(f"`pulse_prob` must lie in [0, 1], got {config.pulse_prob!r}.")
 
   def build(key):
-    return LeakyRNN(config.num_bits, config.num_hidden, config.num_bits,
-                    leak=1.0 / config.tau, activation="tanh", gain=config.gain,
-                    key=key)
+    return LeakyRNN(
+      config.num_bits,
+      config.num_hidden,
+      config.num_bits,
+      leak=1.0 / config.tau,
+      activation="tanh",
+      gain=config.gain,
+      key=key,
+    )
 
   init_params, static = _base.partition_model(build)
 
@@ -167,7 +171,8 @@ def make(config: Config = Config()) -> _base.Task:
 
     h0 = model.initial_state((config.batch_size,))
     (_, total), _ = jax.lax.scan(
-        step, (h0, losses.zero()), (batch["inputs"], batch["targets"]))
+      step, (h0, losses.zero()), (batch["inputs"], batch["targets"])
+    )
     return total / config.num_steps
 
   def outputs(params, batch):
@@ -177,10 +182,15 @@ def make(config: Config = Config()) -> _base.Task:
       h = model(h, x)
       return h, (model.readout(h), h)
 
-    _, (ys, hs) = jax.lax.scan(step, model.initial_state((config.batch_size,)),
-                               batch["inputs"])
-    return {"outputs": ys, "hidden": hs, "targets": batch["targets"],
-            "inputs": batch["inputs"]}
+    _, (ys, hs) = jax.lax.scan(
+      step, model.initial_state((config.batch_size,)), batch["inputs"]
+    )
+    return {
+      "outputs": ys,
+      "hidden": hs,
+      "targets": batch["targets"],
+      "inputs": batch["inputs"],
+    }
 
   def metrics(params, batch):
     # Accumulated inside the scan, so memory does not grow with the horizon.
@@ -192,17 +202,29 @@ def make(config: Config = Config()) -> _base.Task:
       h = model(h, x)
       y = model.readout(h)
       is_defined = target != 0
-      return (h, sq_err + jnp.sum(jnp.square(y - target)),
-              correct + jnp.sum(is_defined & (jnp.sign(y) == target)),
-              defined + jnp.sum(is_defined)), None
+      return (
+        h,
+        sq_err + jnp.sum(jnp.square(y - target)),
+        correct + jnp.sum(is_defined & (jnp.sign(y) == target)),
+        defined + jnp.sum(is_defined),
+      ), None
 
     zero = jnp.zeros(())
     init = (model.initial_state((config.batch_size,)), zero, zero, zero)
     (_, sq_err, correct, defined), _ = jax.lax.scan(
-        step, init, (batch["inputs"], batch["targets"]))
-    return {"mse": sq_err / (config.num_steps * config.batch_size),
-            "accuracy": correct / jnp.maximum(defined, 1.0)}
+      step, init, (batch["inputs"], batch["targets"])
+    )
+    return {
+      "mse": sq_err / (config.num_steps * config.batch_size),
+      "accuracy": correct / jnp.maximum(defined, 1.0),
+    }
 
-  return _base.Task(name=NAME, config=config, init_params=init_params,
-                    sample_batch=sample_batch, loss_fn=loss_fn,
-                    metrics=metrics, outputs=outputs)
+  return _base.Task(
+    name=NAME,
+    config=config,
+    init_params=init_params,
+    sample_batch=sample_batch,
+    loss_fn=loss_fn,
+    metrics=metrics,
+    outputs=outputs,
+  )

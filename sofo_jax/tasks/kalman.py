@@ -110,10 +110,16 @@ class Config:
   adam_learning_rate: float = 1e-3
 
   @classmethod
-  def quick(cls) -> "Config":
+  def quick(cls) -> Config:
     """A tiny configuration for tests: 8 units, 4 trials of 30 steps."""
-    return cls(num_hidden=8, num_steps=30, min_interval=5, switch_prob=0.2,
-               batch_size=4, num_tangents=8)
+    return cls(
+      num_hidden=8,
+      num_steps=30,
+      min_interval=5,
+      switch_prob=0.2,
+      batch_size=4,
+      num_tangents=8,
+    )
 
 
 def _process_noise_std(tau: Array, latent_std: float) -> Array:
@@ -142,40 +148,56 @@ def generate(key: PRNGKeyArray, config: Config) -> dict[str, Array]:
     u = jax.random.uniform(k_u, (6, b))
     n = jax.random.normal(k_n, (3, b))
     age = age + 1
-    switch = (t == 0) | ((age >= config.min_interval)
-                         & (u[0] < config.switch_prob))
+    switch = (t == 0) | ((age >= config.min_interval) & (u[0] < config.switch_prob))
     tau = jnp.where(switch, uniform(u[1], config.tau_range), tau)
     mean = jnp.where(switch, uniform(u[2], config.mean_range), mean)
-    noise_std = jnp.where(switch, uniform(u[3], config.noise_std_range),
-                          noise_std)
+    noise_std = jnp.where(switch, uniform(u[3], config.noise_std_range), noise_std)
     r_tau = jnp.where(switch, uniform(u[4], config.tau_range), r_tau)
-    r_noise_std = jnp.where(switch, uniform(u[5], config.noise_std_range),
-                            r_noise_std)
+    r_noise_std = jnp.where(switch, uniform(u[5], config.noise_std_range), r_noise_std)
     age = jnp.where(switch, 0, age)
-    drift = x + (mean - x) / tau + _process_noise_std(tau, config.latent_std
-                                                      ) * n[0]
+    drift = x + (mean - x) / tau + _process_noise_std(tau, config.latent_std) * n[0]
     x = jnp.where(switch, mean + config.latent_std * n[1], drift)
     y = x + noise_std * n[2]
-    out = {"observations": y[:, None], "latent": x[:, None], "tau": tau,
-           "mean": mean, "noise_std": noise_std, "switch": switch,
-           "random_tau": r_tau, "random_noise_std": r_noise_std}
+    out = {
+      "observations": y[:, None],
+      "latent": x[:, None],
+      "tau": tau,
+      "mean": mean,
+      "noise_std": noise_std,
+      "switch": switch,
+      "random_tau": r_tau,
+      "random_noise_std": r_noise_std,
+    }
     return (x, tau, mean, noise_std, r_tau, r_noise_std, age, t + 1), out
 
   ones = jnp.ones((b,))
-  init = (0.0 * ones, ones, 0.0 * ones, ones, ones, ones,
-          jnp.zeros((b,), jnp.int32), jnp.zeros((), jnp.int32))
+  init = (
+    0.0 * ones,
+    ones,
+    0.0 * ones,
+    ones,
+    ones,
+    ones,
+    jnp.zeros((b,), jnp.int32),
+    jnp.zeros((), jnp.int32),
+  )
   _, batch = jax.lax.scan(step, init, _base.time_keys(key, config.num_steps))
   return batch
 
 
+# Time first, then any batch shape. A name, not an inline string, because
+# "t *b" parses as a Python expression and linters would read it as one.
+_TIME_BATCH = "t *b"
+
+
 def kalman_filter(
-    observations: Float[Array, "t *b"],
-    tau: Float[Array, "t *b"],
-    mean: Float[Array, "t *b"],
-    noise_std: Float[Array, "t *b"],
-    switch: Bool[Array, "t *b"],
-    latent_std: float = 1.0,
-) -> tuple[Float[Array, "t *b"], Float[Array, "t *b"]]:
+  observations: Float[Array, _TIME_BATCH],
+  tau: Float[Array, _TIME_BATCH],
+  mean: Float[Array, _TIME_BATCH],
+  noise_std: Float[Array, _TIME_BATCH],
+  switch: Bool[Array, _TIME_BATCH],
+  latent_std: float = 1.0,
+) -> tuple[Float[Array, _TIME_BATCH], Float[Array, _TIME_BATCH]]:
   r"""Kalman filter for the switching Ornstein–Uhlenbeck process.
 
   At a change (``switch``) the prior on :math:`x_t` is the new stationary
@@ -199,14 +221,17 @@ def kalman_filter(
     Filtered means :math:`E[x_t \mid y_{0:t}]` and variances, same shape as
     ``observations``.
   """
+
   def step(carry, xs):
     m, p = carry
     y, tau_t, mean_t, r_t, switch_t = xs
     a = 1.0 - 1.0 / tau_t
     m_prior = jnp.where(switch_t, mean_t, a * m + mean_t / tau_t)
     p_prior = jnp.where(
-        switch_t, latent_std**2,
-        a * a * p + jnp.square(_process_noise_std(tau_t, latent_std)))
+      switch_t,
+      latent_std**2,
+      a * a * p + jnp.square(_process_noise_std(tau_t, latent_std)),
+    )
     gain = p_prior / (p_prior + jnp.square(r_t))
     m = m_prior + gain * (y - m_prior)
     p = (1.0 - gain) * p_prior
@@ -214,12 +239,14 @@ def kalman_filter(
 
   init = (jnp.zeros_like(observations[0]), jnp.ones_like(observations[0]))
   _, (means, variances) = jax.lax.scan(
-      step, init, (observations, tau, mean, noise_std, switch))
+    step, init, (observations, tau, mean, noise_std, switch)
+  )
   return means, variances
 
 
-def kalman_mse(batch: dict[str, Array], config: Config,
-               random_parameters: bool = False) -> Array:
+def kalman_mse(
+  batch: dict[str, Array], config: Config, random_parameters: bool = False
+) -> Array:
   """MSE of the Kalman filter on a batch: the floor a network should approach.
 
   Args:
@@ -233,10 +260,14 @@ def kalman_mse(batch: dict[str, Array], config: Config,
     Mean over time and batch of the squared error of the filtered mean.
   """
   prefix = "random_" if random_parameters else ""
-  means, _ = kalman_filter(batch["observations"][..., 0],
-                           batch[prefix + "tau"], batch["mean"],
-                           batch[prefix + "noise_std"], batch["switch"],
-                           config.latent_std)
+  means, _ = kalman_filter(
+    batch["observations"][..., 0],
+    batch[prefix + "tau"],
+    batch["mean"],
+    batch[prefix + "noise_std"],
+    batch["switch"],
+    config.latent_std,
+  )
   return jnp.mean(jnp.square(means - batch["latent"][..., 0]))
 
 
@@ -260,22 +291,27 @@ def make(config: Config = Config()) -> _base.Task:
   for name in ("num_hidden", "num_steps", "latent_std"):
     _base.check_positive(name, getattr(config, name))
   if config.min_interval < 1:
-    raise ValueError(
-        f"`min_interval` must be at least 1, got {config.min_interval}.")
+    raise ValueError(f"`min_interval` must be at least 1, got {config.min_interval}.")
   if not 0.0 <= config.switch_prob <= 1.0:
-    raise ValueError(
-        f"`switch_prob` must lie in [0, 1], got {config.switch_prob!r}.")
+    raise ValueError(f"`switch_prob` must lie in [0, 1], got {config.switch_prob!r}.")
   if not config.tau_range[0] >= 1.0:
     # a = 1 - 1/tau must stay in [0, 1) for a stable, well-defined process.
-    raise ValueError(f"`tau_range` must start at 1 or above, got "
-                     f"{config.tau_range!r}.")
-  if not 0.0 < config.noise_std_range[0]:
-    raise ValueError(f"`noise_std_range` must be positive, got "
-                     f"{config.noise_std_range!r}.")
+    raise ValueError(f"`tau_range` must start at 1 or above, got {config.tau_range!r}.")
+  if not config.noise_std_range[0] > 0.0:
+    raise ValueError(
+      f"`noise_std_range` must be positive, got {config.noise_std_range!r}."
+    )
 
   def build(key):
-    return LeakyRNN(1, config.num_hidden, 1, leak=config.leak,
-                    activation="relu", gain=config.gain, key=key)
+    return LeakyRNN(
+      1,
+      config.num_hidden,
+      1,
+      leak=config.leak,
+      activation="relu",
+      gain=config.gain,
+      key=key,
+    )
 
   init_params, static = _base.partition_model(build)
 
@@ -293,7 +329,8 @@ def make(config: Config = Config()) -> _base.Task:
 
     h0 = model.initial_state((config.batch_size,))
     (_, total), _ = jax.lax.scan(
-        step, (h0, losses.zero()), (batch["observations"], batch["latent"]))
+      step, (h0, losses.zero()), (batch["observations"], batch["latent"])
+    )
     return total / config.num_steps
 
   def network_mse(params, batch):
@@ -306,16 +343,19 @@ def make(config: Config = Config()) -> _base.Task:
       return (h, total + jnp.sum(jnp.square(model.readout(h) - x))), None
 
     init = (model.initial_state((config.batch_size,)), jnp.zeros(()))
-    (_, total), _ = jax.lax.scan(
-        step, init, (batch["observations"], batch["latent"]))
+    (_, total), _ = jax.lax.scan(step, init, (batch["observations"], batch["latent"]))
     return total / (config.num_steps * config.batch_size)
 
   def metrics(params, batch):
     mse = network_mse(params, batch)
     floor = kalman_mse(batch, config)
-    return {"mse": mse, "kalman_mse": floor, "mse_ratio": mse / floor,
-            "random_kalman_mse": kalman_mse(batch, config, True),
-            "observation_mse": observation_mse(batch)}
+    return {
+      "mse": mse,
+      "kalman_mse": floor,
+      "mse_ratio": mse / floor,
+      "random_kalman_mse": kalman_mse(batch, config, True),
+      "observation_mse": observation_mse(batch),
+    }
 
   def outputs(params, batch):
     model = eqx.combine(params, static)
@@ -325,15 +365,30 @@ def make(config: Config = Config()) -> _base.Task:
       return h, model.readout(h)
 
     _, estimates = jax.lax.scan(
-        step, model.initial_state((config.batch_size,)),
-        batch["observations"])
+      step, model.initial_state((config.batch_size,)), batch["observations"]
+    )
     kalman_means, kalman_vars = kalman_filter(
-        batch["observations"][..., 0], batch["tau"], batch["mean"],
-        batch["noise_std"], batch["switch"], config.latent_std)
-    return {"estimates": estimates, "kalman_means": kalman_means[..., None],
-            "kalman_variances": kalman_vars[..., None],
-            "latent": batch["latent"], "observations": batch["observations"]}
+      batch["observations"][..., 0],
+      batch["tau"],
+      batch["mean"],
+      batch["noise_std"],
+      batch["switch"],
+      config.latent_std,
+    )
+    return {
+      "estimates": estimates,
+      "kalman_means": kalman_means[..., None],
+      "kalman_variances": kalman_vars[..., None],
+      "latent": batch["latent"],
+      "observations": batch["observations"],
+    }
 
-  return _base.Task(name=NAME, config=config, init_params=init_params,
-                    sample_batch=sample_batch, loss_fn=loss_fn,
-                    metrics=metrics, outputs=outputs)
+  return _base.Task(
+    name=NAME,
+    config=config,
+    init_params=init_params,
+    sample_batch=sample_batch,
+    loss_fn=loss_fn,
+    metrics=metrics,
+    outputs=outputs,
+  )

@@ -98,17 +98,15 @@ class Config:
   adam_learning_rate: float = 1e-3
 
   @classmethod
-  def quick(cls) -> "Config":
+  def quick(cls) -> Config:
     """A tiny configuration for tests: 8 units, 4 trials, 8 steps."""
-    return cls(num_hidden=8, num_steps=8, batch_size=4,
-               num_tangents=8)
+    return cls(num_hidden=8, num_steps=8, batch_size=4, num_tangents=8)
 
 
 def vector_field(s: Float[Array, "*b 3"]) -> Float[Array, "*b 3"]:
   """The Lorenz vector field at states ``s`` (raw, unnormalised units)."""
   x, y, z = s[..., 0], s[..., 1], s[..., 2]
-  return jnp.stack(
-      [SIGMA * (y - x), x * (RHO - z) - y, x * y - BETA * z], axis=-1)
+  return jnp.stack([SIGMA * (y - x), x * (RHO - z) - y, x * y - BETA * z], axis=-1)
 
 
 def rk4_step(s: Float[Array, "*b 3"], dt: float) -> Float[Array, "*b 3"]:
@@ -120,9 +118,11 @@ def rk4_step(s: Float[Array, "*b 3"], dt: float) -> Float[Array, "*b 3"]:
   return s + (dt / 6.0) * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
 
 
-def integrate(s0: Float[Array, "*b 3"], num_steps: int, dt: float
-              ) -> Float[Array, "t *b 3"]:
+def integrate(
+  s0: Float[Array, "*b 3"], num_steps: int, dt: float
+) -> Float[Array, "t *b 3"]:
   """RK4 trajectory ``[s0, s1, ..., s_num_steps]`` (raw units)."""
+
   def step(s, _):
     s = rk4_step(s, dt)
     return s, s
@@ -134,13 +134,13 @@ def integrate(s0: Float[Array, "*b 3"], num_steps: int, dt: float
 def normalise(s: Array) -> Array:
   """Maps raw states to attractor-normalised units."""
   return (s - jnp.asarray(ATTRACTOR_MEAN, s.dtype)) / jnp.asarray(
-      ATTRACTOR_STD, s.dtype)
+    ATTRACTOR_STD, s.dtype
+  )
 
 
 def denormalise(s: Array) -> Array:
   """Inverse of :func:`normalise`."""
-  return s * jnp.asarray(ATTRACTOR_STD, s.dtype) + jnp.asarray(
-      ATTRACTOR_MEAN, s.dtype)
+  return s * jnp.asarray(ATTRACTOR_STD, s.dtype) + jnp.asarray(ATTRACTOR_MEAN, s.dtype)
 
 
 def generate(key: PRNGKeyArray, config: Config) -> dict[str, Array]:
@@ -162,8 +162,7 @@ def generate(key: PRNGKeyArray, config: Config) -> dict[str, Array]:
 
   start, _ = jax.lax.scan(burn, start, None, length=config.burn_in)
   trajectory = normalise(integrate(start, config.num_steps, config.dt))
-  return {"initial": trajectory[0], "final": trajectory[-1],
-          "trajectory": trajectory}
+  return {"initial": trajectory[0], "final": trajectory[-1], "trajectory": trajectory}
 
 
 def make(config: Config = Config()) -> _base.Task:
@@ -185,8 +184,15 @@ def make(config: Config = Config()) -> _base.Task:
     raise ValueError(f"`burn_in` must be non-negative, got {config.burn_in}.")
 
   def build(key):
-    return LeakyRNN(3, config.num_hidden, 3, leak=config.leak,
-                    activation="tanh", gain=config.gain, key=key)
+    return LeakyRNN(
+      3,
+      config.num_hidden,
+      3,
+      leak=config.leak,
+      activation="tanh",
+      gain=config.gain,
+      key=key,
+    )
 
   init_params, static = _base.partition_model(build)
 
@@ -216,13 +222,17 @@ def make(config: Config = Config()) -> _base.Task:
     model = eqx.combine(params, static)
     h_final, _ = _run(model, batch, record=False)
     return {
-        "mse": _base.mean_sq_error(model.readout(h_final), batch["final"]),
-        "persistence_mse": _base.mean_sq_error(batch["initial"],
-                                               batch["final"]),
-        "attractor_mean_mse": jnp.mean(
-            jnp.sum(jnp.square(batch["final"]), axis=-1)),
+      "mse": _base.mean_sq_error(model.readout(h_final), batch["final"]),
+      "persistence_mse": _base.mean_sq_error(batch["initial"], batch["final"]),
+      "attractor_mean_mse": jnp.mean(jnp.sum(jnp.square(batch["final"]), axis=-1)),
     }
 
-  return _base.Task(name=NAME, config=config, init_params=init_params,
-                    sample_batch=sample_batch, loss_fn=loss_fn,
-                    metrics=metrics, outputs=outputs)
+  return _base.Task(
+    name=NAME,
+    config=config,
+    init_params=init_params,
+    sample_batch=sample_batch,
+    loss_fn=loss_fn,
+    metrics=metrics,
+    outputs=outputs,
+  )

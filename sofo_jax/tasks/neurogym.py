@@ -66,8 +66,9 @@ References:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional
 import warnings
+from collections.abc import Mapping
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -85,13 +86,16 @@ except ImportError as error:
   if error.name == "torch":
     # neurogym 2.3 imports torch without declaring it; say so rather than
     # let a missing torch look like a sofo_jax bug.
-    reason = ("could not import neurogym: the installed version imports "
-              "torch, which is missing (neurogym 2.3 does, without declaring "
-              "it). Install the supported version (or torch) with:")
+    reason = (
+      "could not import neurogym: the installed version imports "
+      "torch, which is missing (neurogym 2.3 does, without declaring "
+      "it). Install the supported version (or torch) with:"
+    )
   else:
     reason = "needs neurogym. Install it with:"
-  raise ImportError(f"sofo_jax.tasks.neurogym {reason} "
-                    'pip install "sofo_jax[neurogym]"') from error
+  raise ImportError(
+    f'sofo_jax.tasks.neurogym {reason} pip install "sofo_jax[neurogym]"'
+  ) from error
 
 NAME = "neurogym"
 
@@ -123,7 +127,7 @@ class Config:
   """
 
   env: str = "PerceptualDecisionMaking-v0"
-  env_kwargs: Optional[Mapping[str, Any]] = None
+  env_kwargs: Mapping[str, Any] | None = None
   dt: float = 100.0
   seq_len: int = 100
   num_hidden: int = 64
@@ -138,11 +142,12 @@ class Config:
   adam_learning_rate: float = 1e-2
 
   @classmethod
-  def quick(cls, env: str = "PerceptualDecisionMaking-v0") -> "Config":
+  def quick(cls, env: str = "PerceptualDecisionMaking-v0") -> Config:
     """A tiny configuration for tests: 8 units, a pool of 4 batches of 4 x 20
     steps, K = 8."""
-    return cls(env=env, num_hidden=8, seq_len=20, num_batches=4, batch_size=4,
-               num_tangents=8)
+    return cls(
+      env=env, num_hidden=8, seq_len=20, num_batches=4, batch_size=4, num_tangents=8
+    )
 
 
 def _environment(config: Config):
@@ -157,8 +162,9 @@ def _environment(config: Config):
   return env.unwrapped
 
 
-def generate(config: Config, num_batches: Optional[int] = None,
-             seed: Optional[int] = None) -> dict[str, np.ndarray]:
+def generate(
+  config: Config, num_batches: int | None = None, seed: int | None = None
+) -> dict[str, np.ndarray]:
   """Draws batches from neurogym's ``Dataset``, reproducibly.
 
   Each of the ``batch_size`` copies of the environment in the ``Dataset``
@@ -185,22 +191,28 @@ def generate(config: Config, num_batches: Optional[int] = None,
   num_batches = config.num_batches if num_batches is None else num_batches
   seed = config.seed if seed is None else seed
   if not isinstance(num_batches, int) or num_batches < 1:
-    raise ValueError(
-        f"`num_batches` must be a positive int, got {num_batches!r}.")
-  dataset = ngym.Dataset(_environment(config), batch_size=config.batch_size,
-                         seq_len=config.seq_len, batch_first=False)
+    raise ValueError(f"`num_batches` must be a positive int, got {num_batches!r}.")
+  dataset = ngym.Dataset(
+    _environment(config),
+    batch_size=config.batch_size,
+    seq_len=config.seq_len,
+    batch_first=False,
+  )
   if len(dataset.env.action_space.shape) != 0:
     raise ValueError(
-        f"{config.env} has action space {dataset.env.action_space}; only "
-        "discrete actions (integer labels) are supported.")
+      f"{config.env} has action space {dataset.env.action_space}; only "
+      "discrete actions (integer labels) are supported."
+    )
   base = int(np.random.SeedSequence(seed).generate_state(1)[0])
   dataset.seed(base % (2**32 - config.batch_size))
   # The Dataset fills its trial cache from unseeded generators when it is
   # built; refill it now that they are seeded.
   dataset._cache()  # pylint: disable=protected-access
   inputs, labels = zip(*(next(dataset) for _ in range(num_batches)))
-  return {"inputs": np.stack(inputs).astype(np.float32),
-          "labels": np.stack(labels).astype(np.int32)}
+  return {
+    "inputs": np.stack(inputs).astype(np.float32),
+    "labels": np.stack(labels).astype(np.int32),
+  }
 
 
 def make(config: Config = Config()) -> _base.Task:
@@ -230,8 +242,10 @@ def make(config: Config = Config()) -> _base.Task:
   for name in ("dt", "tau"):
     _base.check_positive(name, getattr(config, name))
   if config.dt > config.tau:
-    raise ValueError(f"`dt` ({config.dt}) must not exceed `tau` "
-                     f"({config.tau}): the leak dt / tau must lie in (0, 1].")
+    raise ValueError(
+      f"`dt` ({config.dt}) must not exceed `tau` "
+      f"({config.tau}): the leak dt / tau must lie in (0, 1]."
+    )
   pool = generate(config)
   pool_inputs = jnp.asarray(pool["inputs"])
   pool_labels = jnp.asarray(pool["labels"])
@@ -240,9 +254,15 @@ def make(config: Config = Config()) -> _base.Task:
   num_actions = int(env.action_space.n)
 
   def build(key):
-    return LeakyRNN(num_inputs, config.num_hidden, num_actions,
-                    leak=config.dt / config.tau, activation="tanh",
-                    gain=config.gain, key=key)
+    return LeakyRNN(
+      num_inputs,
+      config.num_hidden,
+      num_actions,
+      leak=config.dt / config.tau,
+      activation="tanh",
+      gain=config.gain,
+      key=key,
+    )
 
   init_params, static = _base.partition_model(build)
 
@@ -257,12 +277,12 @@ def make(config: Config = Config()) -> _base.Task:
       h, total = carry
       x, label = xs
       h = model(h, x)
-      return (h, total + losses.softmax_cross_entropy(model.readout(h),
-                                                      label)), None
+      return (h, total + losses.softmax_cross_entropy(model.readout(h), label)), None
 
     h0 = model.initial_state(batch["labels"].shape[1:])
-    (_, total), _ = jax.lax.scan(step, (h0, losses.zero()),
-                                 (batch["inputs"], batch["labels"]))
+    (_, total), _ = jax.lax.scan(
+      step, (h0, losses.zero()), (batch["inputs"], batch["labels"])
+    )
     return total / batch["labels"].shape[0]
 
   def outputs(params, batch):
@@ -287,23 +307,33 @@ def make(config: Config = Config()) -> _base.Task:
       logits = model.readout(h)
       hit = jnp.argmax(logits, axis=-1) == label
       decision = label != 0
-      return (h,
-              cross_entropy + jnp.sum(
-                  optax.softmax_cross_entropy_with_integer_labels(logits,
-                                                                  label)),
-              correct + jnp.sum(hit),
-              decision_correct + jnp.sum(hit & decision),
-              decisions + jnp.sum(decision)), None
+      return (
+        h,
+        cross_entropy
+        + jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, label)),
+        correct + jnp.sum(hit),
+        decision_correct + jnp.sum(hit & decision),
+        decisions + jnp.sum(decision),
+      ), None
 
     zero = jnp.zeros(())
     init = (model.initial_state(batch["labels"].shape[1:]),) + (zero,) * 4
-    (_, cross_entropy, correct, decision_correct, decisions), _ = (
-        jax.lax.scan(step, init, (batch["inputs"], batch["labels"])))
+    (_, cross_entropy, correct, decision_correct, decisions), _ = jax.lax.scan(
+      step, init, (batch["inputs"], batch["labels"])
+    )
     count = batch["labels"].size
-    return {"loss": cross_entropy / count, "accuracy": correct / count,
-            "decision_accuracy": decision_correct / jnp.maximum(decisions,
-                                                                1.0)}
+    return {
+      "loss": cross_entropy / count,
+      "accuracy": correct / count,
+      "decision_accuracy": decision_correct / jnp.maximum(decisions, 1.0),
+    }
 
-  return _base.Task(name=f"{NAME}/{config.env}", config=config,
-                    init_params=init_params, sample_batch=sample_batch,
-                    loss_fn=loss_fn, metrics=metrics, outputs=outputs)
+  return _base.Task(
+    name=f"{NAME}/{config.env}",
+    config=config,
+    init_params=init_params,
+    sample_batch=sample_batch,
+    loss_fn=loss_fn,
+    metrics=metrics,
+    outputs=outputs,
+  )
