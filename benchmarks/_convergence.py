@@ -38,6 +38,7 @@ import math
 import time
 from typing import Any
 
+import _harness  # pylint: disable=g-import-not-at-top
 import _suite  # pylint: disable=g-import-not-at-top
 import jax
 import jax.numpy as jnp
@@ -55,10 +56,6 @@ CURVE_POINTS = 150
 WARMUP_FRACTION = 0.1
 
 
-def _log(msg: str) -> None:
-  print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 def _paper_sofo(method: str) -> dict:
   """This benchmark tunes the paper's optimiser (fixed damping) on a grid.
 
@@ -66,6 +63,26 @@ def _paper_sofo(method: str) -> dict:
   measured by ``reproduce.py`` and ``defaults_check.py``.
   """
   return {"adaptive": False} if method == "sofo" else {}
+
+
+def _start(task, method, key, learning_rate, damping, num_tangents, warmup_steps):
+  """A run's training step, initial ``(params, state)`` and data key.
+
+  The parameters, the data and the tangents each get their own part of
+  ``key``; the learning rate is warmed up over ``warmup_steps``.
+  """
+  init_key, data_key, tangent_key = jax.random.split(key, 3)
+  optimizer = training.make_optimizer(
+    method,
+    learning_rate=training.warmup(learning_rate, warmup_steps),
+    key=tangent_key,
+    num_tangents=num_tangents,
+    damping=damping,
+    **_paper_sofo(method),
+  )
+  params = task.init_params(init_key)
+  step = training.make_train_step(task, method, optimizer)
+  return step, (params, optimizer.init(params)), data_key
 
 
 def run_many(
@@ -99,20 +116,11 @@ def run_many(
   keys = jnp.stack(list(keys))
 
   def train(learning_rate, damping, key):
-    init_key, data_key, tangent_key = jax.random.split(key, 3)
-    optimizer = training.make_optimizer(
-      method,
-      learning_rate=training.warmup(learning_rate, warmup_steps),
-      key=tangent_key,
-      num_tangents=num_tangents,
-      damping=damping,
-      **_paper_sofo(method),
+    step, carry, data_key = _start(
+      task, method, key, learning_rate, damping, num_tangents, warmup_steps
     )
-    params = task.init_params(init_key)
-    state = optimizer.init(params)
-    step = training.make_train_step(task, method, optimizer)
     (params, state), losses = jax.lax.scan(
-      step, (params, state), jax.random.split(data_key, num_steps)
+      step, carry, jax.random.split(data_key, num_steps)
     )
     nonfinite = (
       state_utils.get_diagnostics(state).num_nonfinite_steps
@@ -155,18 +163,10 @@ def timed_run(
     method).
   """
   assert max_steps % chunk == 0, (max_steps, chunk)
-  init_key, data_key, tangent_key = jax.random.split(key, 3)
-  optimizer = training.make_optimizer(
-    method,
-    learning_rate=training.warmup(learning_rate, warmup_steps),
-    key=tangent_key,
-    num_tangents=num_tangents,
-    damping=1e-4 if damping is None else damping,
-    **_paper_sofo(method),
+  damping = 1e-4 if damping is None else damping
+  step, carry, data_key = _start(
+    task, method, key, learning_rate, damping, num_tangents, warmup_steps
   )
-  params = task.init_params(init_key)
-  carry = (params, optimizer.init(params))
-  step = training.make_train_step(task, method, optimizer)
   batch_keys = jax.random.split(data_key, max_steps)
   begin = time.perf_counter()
   run_chunk = (
@@ -314,7 +314,9 @@ def run_task(
   chunk = max(1, n // 20)
   window = max(1, n // 20)
   num_params = sum(x.size for x in jax.tree.leaves(task.init_params(jax.random.key(0))))
-  _log(f"{name}: {num_params} parameters, K = {k_main}, {n} steps, {num_seeds} seeds")
+  _harness.log(
+    f"{name}: {num_params} parameters, K = {k_main}, {n} steps, {num_seeds} seeds"
+  )
   entry: dict[str, Any] = {
     "config": {
       k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
@@ -336,7 +338,7 @@ def run_task(
   )
 
   chosen = {}
-  for method in _suite.METHODS:
+  for method in training.METHODS:
     grid = grids[method]
     losses, _, nonfinite, secs = run_many(
       task,
@@ -368,64 +370,46 @@ def run_task(
       "chosen_at_grid_edge": best in _edge_indices(grid, best),
       "all_grid_points_diverged": not any(math.isfinite(x) for x in scores),
     }
-    _log(
+    _harness.log(
       f"{name}/{method}: grid scores {[f'{s:.3g}' for s in scores]} -> "
       f"lr {grid[best][0]}, damping {grid[best][1]} ({secs:.1f}s)"
     )
 
   # Timed runs from seed 0; they also provide seed 0's first n steps.
-  timed = {}
-  lr, damping = chosen["sofo"]
-  timed["sofo"] = timed_run(
-    task,
-    "sofo",
-    key=seed_keys[0],
-    learning_rate=lr,
-    damping=damping,
-    num_tangents=k_main,
-    max_steps=n,
-    chunk=chunk,
-    snapshot_step=n,
-    warmup_steps=warmup,
-  )
-  t_star = float(timed["sofo"]["seconds"][-1])
-  _log(
-    f"{name}/sofo timed: {n} steps in {t_star:.2f}s "
-    f"(compile {timed['sofo']['compile_seconds']:.1f}s)"
-  )
-  for method in ("adam", "fgd", "sgd"):
+  def timed_from_seed_0(method, num_tangents=k_main, **limits):
     lr, damping = chosen[method]
-    timed[method] = timed_run(
+    return timed_run(
       task,
       method,
       key=seed_keys[0],
       learning_rate=lr,
       damping=damping,
-      num_tangents=k_main,
-      max_steps=max(n, _round_up(max_factor * n, chunk)),
+      num_tangents=num_tangents,
       chunk=chunk,
+      warmup_steps=warmup,
+      **limits,
+    )
+
+  timed = {"sofo": timed_from_seed_0("sofo", max_steps=n, snapshot_step=n)}
+  t_star = float(timed["sofo"]["seconds"][-1])
+  _harness.log(
+    f"{name}/sofo timed: {n} steps in {t_star:.2f}s "
+    f"(compile {timed['sofo']['compile_seconds']:.1f}s)"
+  )
+  for method in ("adam", "fgd", "sgd"):
+    timed[method] = timed_from_seed_0(
+      method,
+      max_steps=max(n, _round_up(max_factor * n, chunk)),
       until_seconds=t_star,
       snapshot_step=n,
-      warmup_steps=warmup,
     )
-    _log(
+    _harness.log(
       f"{name}/{method} timed: {len(timed[method]['losses'])} steps in "
       f"{timed[method]['seconds'][-1]:.2f}s"
     )
   for k in plan.extra_tangents:
-    lr, damping = chosen["sofo"]
-    timed[f"sofo_k{k}"] = timed_run(
-      task,
-      "sofo",
-      key=seed_keys[0],
-      learning_rate=lr,
-      damping=damping,
-      num_tangents=k,
-      max_steps=n,
-      chunk=chunk,
-      warmup_steps=warmup,
-    )
-    _log(
+    timed[f"sofo_k{k}"] = timed_from_seed_0("sofo", k, max_steps=n)
+    _harness.log(
       f"{name}/sofo K={k} timed: final loss "
       f"{tail_mean(timed[f'sofo_k{k}']['losses'], 0.1):.4g} in "
       f"{timed[f'sofo_k{k}']['seconds'][-1]:.2f}s"
@@ -433,7 +417,7 @@ def run_task(
 
   # The other seeds, n steps each, in one vmap-ed program per method.
   seed_losses = {}
-  for method in _suite.METHODS:
+  for method in training.METHODS:
     run = timed[method]
     seed_losses[method] = [run["losses"][:n]]
     eval_params.append(run["params_at_snapshot"])
@@ -456,8 +440,8 @@ def run_task(
       for i in range(1, num_seeds):
         eval_params.append(jax.tree.map(lambda x, i=i: x[i - 1], params))
         eval_labels.append(f"{method}/{i}")
-      _log(f"{name}/{method}: seeds 1-{num_seeds - 1} ({secs:.1f}s)")
-    _log(
+      _harness.log(f"{name}/{method}: seeds 1-{num_seeds - 1} ({secs:.1f}s)")
+    _harness.log(
       f"{name}/{method}: final training loss per seed "
       f"{[round(tail_mean(r, 0.1), 4) for r in seed_losses[method]]}"
     )
@@ -477,7 +461,7 @@ def run_task(
   entry["target"] = target
   entry["equal_wallclock_seconds"] = t_star
 
-  for method in _suite.METHODS:
+  for method in training.METHODS:
     m = entry["methods"][method]
     losses = np.stack(seed_losses[method])
     run = timed[method]

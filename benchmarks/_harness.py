@@ -3,22 +3,44 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
+
+from sofo_jax.demo import quick_mode  # noqa: F401  (re-exported for the scripts)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def quick_mode(flag: bool = False) -> bool:
-  """True with ``--quick`` or ``SOFO_QUICK=1``."""
-  return flag or os.environ.get("SOFO_QUICK", "0") not in ("", "0")
+def log(message: str) -> None:
+  """Prints ``message`` after the time of day, at once (progress of long runs)."""
+  print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def short(x: float | None, digits: int = 3) -> str:
+  """``x`` to ``digits`` significant digits; a dash for a missing or non-finite one."""
+  if x is None or (isinstance(x, float) and not math.isfinite(x)):
+    return "—"
+  return f"{x:.{digits}g}"
+
+
+def bare_jvp(value_fn: Callable[[Any], Any], params: Any, tangents: Any) -> Any:
+  """``value_fn(params)`` and its K directional derivatives: ``vmap`` of ``jvp``.
+
+  ``tangents`` has the structure of ``params`` with a leading axis K. This is
+  the irreducible cost of any K-tangent forward-mode method, against which
+  a SOFO step is timed.
+  """
+  return jax.vmap(lambda v: jax.jvp(value_fn, (params,), (v,)))(tangents)
 
 
 def time_call(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> dict:
@@ -106,24 +128,73 @@ def machine() -> dict:
   }
 
 
-def write_json(name: str, payload: dict) -> Path:
-  RESULTS.mkdir(parents=True, exist_ok=True)
-  path = RESULTS / name
+def output_path(output: str | None, name: str, quick: bool) -> Path:
+  """Where a script writes its JSON.
+
+  ``output`` (a ``--output`` path) if given; otherwise ``name`` under
+  ``benchmarks/results/``, or in quick mode ``<stem>_quick<suffix>`` under the
+  temporary directory, so that a smoke test leaves the results alone.
+  """
+  if output:
+    return Path(output).resolve()
+  if quick:
+    name = Path(name)
+    return Path(tempfile.gettempdir()) / f"{name.stem}_quick{name.suffix}"
+  return RESULTS / name
+
+
+def write_json(path: str | Path, payload: dict) -> Path:
+  """Writes ``payload`` after the machine, the load and the time; returns the path.
+
+  ``path`` is a file name under ``benchmarks/results/`` or any absolute path.
+  Floats keep 6 significant digits and non-finite ones become ``null``, so
+  the file is strict JSON; one line per top-level entry keeps it small and
+  diffable.
+  """
+  path = RESULTS / path
+  path.parent.mkdir(parents=True, exist_ok=True)
   payload = {
     "machine": machine(),
+    "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     **payload,
   }
-  path.write_text(json.dumps(payload, indent=2))
+  lines = [
+    f" {json.dumps(k)}: {json.dumps(v, separators=(',', ':'), allow_nan=False)}"
+    for k, v in _plain(payload).items()
+  ]
+  path.write_text("{\n" + ",\n".join(lines) + "\n}\n")
   return path
 
 
-def markdown_table(rows: list[dict], columns: list[str]) -> str:
-  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-  for row in rows:
-    cells = []
-    for c in columns:
-      v = row.get(c, "")
-      cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
-    lines.append("| " + " | ".join(cells) + " |")
+def _plain(x):
+  """JSON-ready copy: lists for arrays, 6-digit floats, None for non-finite ones."""
+  if isinstance(x, dict):
+    return {str(k): _plain(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_plain(v) for v in x]
+  if isinstance(x, (np.ndarray, jax.Array)):
+    return _plain(np.asarray(x).tolist())
+  if isinstance(x, np.generic):
+    x = x.item()
+  if isinstance(x, float):
+    return float(f"{x:.6g}") if math.isfinite(x) else None
+  if x is None or isinstance(x, (bool, int, str)):
+    return x
+  return str(x)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence | dict]) -> str:
+  """A Markdown table with columns ``header``.
+
+  A row is a sequence of cells, or a dict read at the names in ``header``
+  (a missing one is left blank). Floats are shown to 4 significant digits.
+  """
+
+  def cells(row):
+    values = [row.get(c, "") for c in header] if isinstance(row, dict) else row
+    return [f"{v:.4g}" if isinstance(v, float) else str(v) for v in values]
+
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(cells(row)) + " |" for row in rows]
   return "\n".join(lines)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import _harness  # pylint: disable=g-import-not-at-top
 import _suite  # pylint: disable=g-import-not-at-top
 import numpy as np
+
+from sofo_jax import training
 
 COLORS = {"sofo": "C0", "adam": "C1", "fgd": "C2", "sgd": "C3"}
 README_START = "<!-- results:start -->"
@@ -42,7 +45,7 @@ def plot_convergence(payload: dict, path: Path) -> None:
   fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 3.2 * len(tasks)), squeeze=False)
   for row, (name, entry) in zip(axes, tasks.items()):
     ax_it, ax_t = row
-    for method in _suite.METHODS:
+    for method in training.METHODS:
       m = entry["methods"][method]
       c = m["curve"]
       label = f"{_suite.LABELS[method]} (lr {m['learning_rate']:g}" + (
@@ -68,8 +71,8 @@ def plot_convergence(payload: dict, path: Path) -> None:
       )
       ax_t.plot(_arr(oc["seconds"]), _arr(oc["mean"]), color="C0", ls=style, alpha=0.7)
     # Clip diverging runs: show from below the best loss to above the start.
-    starts = [entry["methods"][m]["curve"]["mean"][0] for m in _suite.METHODS]
-    curves = [entry["methods"][m]["curve"] for m in _suite.METHODS]
+    starts = [entry["methods"][m]["curve"]["mean"][0] for m in training.METHODS]
+    curves = [entry["methods"][m]["curve"] for m in training.METHODS]
     lows = [v for c in curves for v in c.get("min", c["mean"]) if v is not None]
     top = 3 * max(v for v in starts if v is not None)
     bottom = 0.5 * min([v for v in lows if v > 0] + [entry.get("target") or top])
@@ -168,12 +171,6 @@ def plot_time(payload: dict, path: Path) -> None:
 # -- tables -----------------------------------------------------------------
 
 
-def _g(x: float | None, digits: int = 3) -> str:
-  if x is None or (isinstance(x, float) and not math.isfinite(x)):
-    return "—"
-  return f"{x:.{digits}g}"
-
-
 def _mean(values) -> float | None:
   values = [v for v in values if v is not None and math.isfinite(v)]
   return float(np.mean(values)) if values else None
@@ -181,12 +178,6 @@ def _mean(values) -> float | None:
 
 def _eval_loss(m: dict) -> float | None:
   return _mean([x["loss"] for x in m["metrics"]])
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  lines += ["| " + " | ".join(r) + " |" for r in rows]
-  return "\n".join(lines)
 
 
 def convergence_tables(payload: dict) -> tuple[str, list[dict]]:
@@ -218,7 +209,7 @@ def convergence_tables(payload: dict) -> tuple[str, list[dict]]:
     "N iterations; chosen from the grids by a short tuning run, see below):\n"
   )
   out.append(
-    _table(
+    _harness.markdown_table(
       ["task", "P", "K", "T", "B", "N", "SOFO lr / λ", "Adam lr", "FGD lr", "SGD lr"],
       settings,
     )
@@ -227,26 +218,34 @@ def convergence_tables(payload: dict) -> tuple[str, list[dict]]:
   rows = []
   for name, e in tasks.items():
     ms = e["methods"]
-    losses = {m: _eval_loss(ms[m]) for m in _suite.METHODS}
+    losses = {m: _eval_loss(ms[m]) for m in training.METHODS}
     ratio = (
       (losses["sofo"] / losses["adam"]) if losses["sofo"] and losses["adam"] else None
     )
-    rows.append([name] + [_g(losses[m]) for m in _suite.METHODS] + [_g(ratio, 2)])
+    rows.append(
+      [name]
+      + [_harness.short(losses[m]) for m in training.METHODS]
+      + [_harness.short(ratio, 2)]
+    )
   out.append(
     f"\n**Loss at equal iterations** (after N iterations; loss of the final parameters on "
     f"{payload['eval_batches']} fixed evaluation batches, mean over "
     f"{len(next(iter(tasks.values()))['seeds'])} seeds):\n"
   )
-  out.append(_table(["task", "SOFO", "Adam", "FGD", "SGD", "SOFO / Adam"], rows))
+  out.append(
+    _harness.markdown_table(["task", "SOFO", "Adam", "FGD", "SGD", "SOFO / Adam"], rows)
+  )
 
   rows = []
   for name, e in tasks.items():
     ms = e["methods"]
-    cells = [name, _g(e["equal_wallclock_seconds"])]
+    cells = [name, _harness.short(e["equal_wallclock_seconds"])]
     for m in ("sofo", "adam", "fgd", "sgd"):
       t = ms[m]["timed"]
       mark = "" if t["covers_equal_wallclock"] else " †"
-      cells.append(f"{_g(t['final_metrics']['loss'])} ({t['steps']} it){mark}")
+      cells.append(
+        f"{_harness.short(t['final_metrics']['loss'])} ({t['steps']} it){mark}"
+      )
     rows.append(cells)
   out.append(
     "\n**Loss at equal wall-clock** (seed 0; each method runs until the first chunk "
@@ -254,13 +253,15 @@ def convergence_tables(payload: dict) -> tuple[str, list[dict]]:
     "on the evaluation batches; in brackets the iterations done; † = stopped by the "
     "iteration cap before t*):\n"
   )
-  out.append(_table(["task", "t* (s)", "SOFO", "Adam", "FGD", "SGD"], rows))
+  out.append(
+    _harness.markdown_table(["task", "t* (s)", "SOFO", "Adam", "FGD", "SGD"], rows)
+  )
 
   rows = []
   for name, e in tasks.items():
     ms = e["methods"]
-    cells = [name, _g(e["target"])]
-    for m in _suite.METHODS:
+    cells = [name, _harness.short(e["target"])]
+    for m in training.METHODS:
       x = ms[m]
       s = x["steps_to_target_median"]
       seeds = len(x["steps_to_target"])
@@ -270,7 +271,7 @@ def convergence_tables(payload: dict) -> tuple[str, list[dict]]:
         else f"not reached ({x['seeds_reaching_target']}/{seeds} seeds)"
       )
       tt = x["timed"]["seconds_to_target"]
-      cells.append(f"{it}; {_g(tt)} s" if tt is not None else f"{it}; —")
+      cells.append(f"{it}; {_harness.short(tt)} s" if tt is not None else f"{it}; —")
     rows.append(cells)
   out.append(
     "\n**Iterations to target** (first iteration at which the running mean of the "
@@ -278,7 +279,9 @@ def convergence_tables(payload: dict) -> tuple[str, list[dict]]:
     "within N iterations; then the wall-clock seconds to the target in the timed seed-0 "
     "run, which for the baselines goes on until t*):\n"
   )
-  out.append(_table(["task", "target", "SOFO", "Adam", "FGD", "SGD"], rows))
+  out.append(
+    _harness.markdown_table(["task", "target", "SOFO", "Adam", "FGD", "SGD"], rows)
+  )
 
   other = []
   for name, e in tasks.items():
@@ -287,8 +290,8 @@ def convergence_tables(payload: dict) -> tuple[str, list[dict]]:
         [
           name,
           k,
-          _g(o["final_metrics"]["loss"]),
-          _g(1e3 * o["seconds_per_step"]),
+          _harness.short(o["final_metrics"]["loss"]),
+          _harness.short(1e3 * o["seconds_per_step"]),
           str(o["steps_to_target"] or "—"),
         ]
       )
@@ -297,8 +300,8 @@ def convergence_tables(payload: dict) -> tuple[str, list[dict]]:
       [
         name,
         f"{e['config']['num_tangents']} (main)",
-        _g(main["timed"]["final_metrics"]["loss"]),
-        _g(1e3 * main["timed"]["seconds_per_step"]),
+        _harness.short(main["timed"]["final_metrics"]["loss"]),
+        _harness.short(1e3 * main["timed"]["seconds_per_step"]),
         str(main["timed"]["steps_to_target"] or "—"),
       ]
     )
@@ -306,10 +309,12 @@ def convergence_tables(payload: dict) -> tuple[str, list[dict]]:
     "\n**SOFO at several K** (seed 0, N iterations, chosen lr / λ; evaluation loss, "
     "ms per iteration, iterations to target):\n"
   )
-  out.append(_table(["task", "K", "loss", "ms / it", "it. to target"], other))
+  out.append(
+    _harness.markdown_table(["task", "K", "loss", "ms / it", "it. to target"], other)
+  )
 
   grid_rows = []
-  for method in _suite.METHODS:
+  for method in training.METHODS:
     any_entry = next(iter(tasks.values()))["methods"][method]["grid"]
     values = ", ".join(
       f"{g['learning_rate']:g}"
@@ -336,7 +341,7 @@ def convergence_tables(payload: dict) -> tuple[str, list[dict]]:
     "last quarter):\n"
   )
   out.append(
-    _table(
+    _harness.markdown_table(
       [
         "method",
         "grid",
@@ -367,7 +372,7 @@ def _targets(payload: dict) -> list[dict]:
     verdicts.append(
       {
         "target": f"{name}: SOFO loss ≤ 0.1 × Adam's at equal iterations",
-        "measured": f"SOFO {_g(s)}, Adam {_g(a)} (ratio {_g(s / a if s and a else None, 2)})",
+        "measured": f"SOFO {_harness.short(s)}, Adam {_harness.short(a)} (ratio {_harness.short(s / a if s and a else None, 2)})",
         "met": met,
       }
     )
@@ -379,7 +384,7 @@ def _targets(payload: dict) -> list[dict]:
     verdicts.append(
       {
         "target": "kalman: SOFO's MSE within 10% of the true-parameter Kalman filter's",
-        "measured": f"SOFO MSE / KF MSE = {_g(ratio)} (Adam {_g(adam_ratio)}; KF MSE {_g(floor)})",
+        "measured": f"SOFO MSE / KF MSE = {_harness.short(ratio)} (Adam {_harness.short(adam_ratio)}; KF MSE {_harness.short(floor)})",
         "met": ratio is not None and ratio <= 1.1,
       }
     )
@@ -403,10 +408,10 @@ def _targets(payload: dict) -> list[dict]:
           f"iterations (both mean reach errors < {100 * REACH_TOLERANCE_M:g} cm)"
         ),
         "measured": (
-          f"SOFO errors {_g(100 * s1 if s1 is not None else None)} / "
-          f"{_g(100 * s2 if s2 is not None else None)} cm, Adam "
-          f"{_g(100 * a1 if a1 is not None else None)} / "
-          f"{_g(100 * a2 if a2 is not None else None)} cm"
+          f"SOFO errors {_harness.short(100 * s1 if s1 is not None else None)} / "
+          f"{_harness.short(100 * s2 if s2 is not None else None)} cm, Adam "
+          f"{_harness.short(100 * a1 if a1 is not None else None)} / "
+          f"{_harness.short(100 * a2 if a2 is not None else None)} cm"
         ),
         "met": sofo_ok and not adam_ok,
       }
@@ -429,13 +434,17 @@ def memory_verdict(payload: dict) -> tuple[str, list[dict]]:
     cells = [str(h)]
     for kind in ("sofo", "bptt"):
       r = next(r for r in series[kind] if r["T"] == h)
-      cells.append(_g(r["temp_bytes"] / 2**20) if "temp_bytes" in r else "error")
       cells.append(
-        _g(r["rss_growth_bytes"] / 2**20) if "rss_growth_bytes" in r else "not run"
+        _harness.short(r["temp_bytes"] / 2**20) if "temp_bytes" in r else "error"
+      )
+      cells.append(
+        _harness.short(r["rss_growth_bytes"] / 2**20)
+        if "rss_growth_bytes" in r
+        else "not run"
       )
     rows.append(cells)
   text = [
-    _table(
+    _harness.markdown_table(
       [
         "T",
         "SOFO temp (MiB)",
@@ -453,14 +462,16 @@ def memory_verdict(payload: dict) -> tuple[str, list[dict]]:
       prow.append(
         [
           str(r["T"]),
-          _g(r["temp_bytes"] / 2**20),
-          _g(paper["bptt"][i]["temp_bytes"] / 2**20),
+          _harness.short(r["temp_bytes"] / 2**20),
+          _harness.short(paper["bptt"][i]["temp_bytes"] / 2**20),
         ]
       )
     text.append(
       "\nAt the paper's size (100 units, batch 256, K = 128), compiled only:\n"
     )
-    text.append(_table(["T", "SOFO temp (MiB)", "BPTT temp (MiB)"], prow))
+    text.append(
+      _harness.markdown_table(["T", "SOFO temp (MiB)", "BPTT temp (MiB)"], prow)
+    )
   verdicts = []
   lo, hi = horizons[0], 10_000 if 10_000 in horizons else horizons[-1]
   s_lo, s_hi = temp("sofo", lo), temp("sofo", hi)
@@ -496,16 +507,16 @@ def time_table(payload: dict) -> str:
   rows = [
     [
       str(r["K"]),
-      _g(r["sofo_min_ms"]),
-      _g(r["sofo_median_ms"]),
-      _g(r.get("jvp_median_ms")),
-      _g(r.get("sofo_over_jvp"), 3),
-      _g(r["adam_median_ms"]),
-      _g(r["ratio_median"], 2),
+      _harness.short(r["sofo_min_ms"]),
+      _harness.short(r["sofo_median_ms"]),
+      _harness.short(r.get("jvp_median_ms")),
+      _harness.short(r.get("sofo_over_jvp"), 3),
+      _harness.short(r["adam_median_ms"]),
+      _harness.short(r["ratio_median"], 2),
     ]
     for r in payload["rows"]
   ]
-  return _table(
+  return _harness.markdown_table(
     [
       "K",
       "SOFO min (ms)",
@@ -579,7 +590,7 @@ def results_markdown(out_dir: Path, command_note: str) -> str:
     parts.insert(
       1,
       "### Targets\n\n"
-      + _table(
+      + _harness.markdown_table(
         ["target", "measured", "met"],
         [
           [v["target"], v["measured"], "**met**" if v["met"] else "**not met**"]

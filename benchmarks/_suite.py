@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 
-METHODS = ("sofo", "adam", "fgd", "sgd")
 LABELS = {"sofo": "SOFO", "adam": "Adam + BPTT", "fgd": "FGD", "sgd": "SGD + BPTT"}
 
 # Hyperparameter grids, the same for every task: (learning rate, damping).

@@ -13,6 +13,7 @@ median over rounds of SOFO / jvp.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import _harness  # pylint: disable=g-import-not-at-top
 import _suite  # pylint: disable=g-import-not-at-top
@@ -45,10 +46,7 @@ def _compiled_bare_jvp(task, num_tangents):
   batch = task.sample_batch(jax.random.key(2))
   tangents = sofo_jax.sample_tangents(jax.random.key(3), params, num_tangents)
   value_fn = lambda p: task.loss_fn(p, batch).value
-
-  def bare_jvp(p, t):
-    return jax.vmap(lambda v: jax.jvp(value_fn, (p,), (v,)))(t)
-
+  bare_jvp = functools.partial(_harness.bare_jvp, value_fn)
   compiled = jax.jit(bare_jvp).lower(params, tangents).compile()
   return lambda: compiled(params, tangents)
 

@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import platform
 import sys
-import tempfile
 import time
 
+import _harness
 import jax
 import numpy as np
 import optax
@@ -134,12 +132,7 @@ def main(argv=None) -> int:
   parser.add_argument("--tasks", default=",".join(CPU_SIZES))
   parser.add_argument("--output", default=None)
   args = parser.parse_args(argv)
-  default_output = (
-    os.path.join(tempfile.gettempdir(), "defaults_check_quick.json")
-    if args.quick
-    else os.path.join(os.path.dirname(__file__), "results", "defaults_check.json")
-  )
-  output = args.output or default_output
+  output = _harness.output_path(args.output, "defaults_check.json", args.quick)
   rows = []
   variants = args.variants.split(",")
   if args.adam:
@@ -187,13 +180,6 @@ def main(argv=None) -> int:
     "command": "python " + " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])
     if argv is None
     else str(argv),
-    "machine": {
-      "platform": platform.platform(),
-      "processor": platform.machine(),
-      "cpus": os.cpu_count(),
-      "jax": jax.__version__,
-      "backend": jax.default_backend(),
-    },
     "settings": {
       "steps": args.steps,
       "num_tangents": args.num_tangents,
@@ -203,9 +189,7 @@ def main(argv=None) -> int:
     "summary": summary,
     "runs": rows,
   }
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  with open(output, "w") as f:
-    json.dump(result, f, indent=1)
+  _harness.write_json(output, result)
   print(f"wrote {output}")
   return 0
 

@@ -56,10 +56,10 @@ from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness
+import _hlo as hlo
 import _rnn_problem
 
 import sofo_jax
-from sofo_jax._src import hlo
 
 
 def sofo_step(loss_fn, num_tangents, **axis_names):
@@ -247,7 +247,7 @@ def main():
     f"K={config['k']}: P={num_params} parameters, "
     f"{outputs_per_step} outputs per loss step"
   )
-  print(_harness.markdown_table(rows, columns))
+  print(_harness.markdown_table(columns, rows))
   path = _harness.write_json(
     "distributed_quick.json" if quick else "distributed.json",
     {

@@ -154,10 +154,6 @@ SIZES = {
 }
 
 
-def _log(message: str) -> None:
-  print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
 class Budget:
   """Elapsed wall-clock time against ``--budget-s``, with section deadlines."""
 
@@ -182,45 +178,9 @@ class Budget:
 # The training steps, shared by every section.
 
 
-def checkpointed_scan(f, init, xs):
-  """``jax.lax.scan(f, init, xs)`` with gradient checkpointing over time.
-
-  The T steps are split into segments of ``remat_baseline.segment_length(T)``
-  (about sqrt(T)); an outer scan over segments runs a ``jax.checkpoint``-ed
-  inner scan, so the backward pass stores only the carries at segment
-  boundaries and recomputes each segment once (memory O(sqrt(T)), one extra
-  forward pass). A shorter last segment takes the rest when T is not a
-  multiple of the length.
-
-  Args:
-    f: the per-step function ``(carry, x_t) -> (carry, y_t)``.
-    init: the initial carry.
-    xs: the inputs, time-major (a pytree).
-
-  Returns:
-    ``(carry, ys)``, as ``jax.lax.scan``.
-  """
-  horizon = jax.tree.leaves(xs)[0].shape[0]
-  length = remat_baseline.segment_length(horizon)
-  num_segments = horizon // length
-  split = num_segments * length
-  # Inside a scan XLA cannot fold the recomputation back into the forward
-  # pass, so prevent_cse's extra barriers would only cost time.
-  segment = jax.checkpoint(
-    lambda carry, x: jax.lax.scan(f, carry, x), prevent_cse=False
-  )
-  head = jax.tree.map(
-    lambda x: x[:split].reshape((num_segments, length, *x.shape[1:])), xs
-  )
-  carry, ys = jax.lax.scan(segment, init, head)
-  ys = jax.tree.map(lambda y: y.reshape((split, *y.shape[2:])), ys)
-  if split < horizon:
-    carry, tail = segment(carry, jax.tree.map(lambda x: x[split:], xs))
-    ys = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys, tail)
-  return carry, ys
-
-
-remat_loss_fn = functools.partial(_rnn_problem.loss_fn, scan=checkpointed_scan)
+remat_loss_fn = functools.partial(
+  _rnn_problem.loss_fn, scan=remat_baseline.checkpointed_scan
+)
 
 
 def make_step(method: str, num_tangents: int = 0):
@@ -229,7 +189,7 @@ def make_step(method: str, num_tangents: int = 0):
   Args:
     method: ``"sofo"`` (defaults, lr 1), ``"bptt"`` (Adam on the
       backpropagated gradient) or ``"remat"`` (the same with
-      :func:`checkpointed_scan`).
+      :func:`remat_baseline.checkpointed_scan`).
     num_tangents: SOFO's K.
 
   Returns:
@@ -258,9 +218,9 @@ def make_step(method: str, num_tangents: int = 0):
 
 @jax.jit
 def bare_jvp(params, tangents, xs, ys):
-  """The loss's value and its K directional derivatives: ``vmap`` of ``jvp``."""
+  """The loss's value and its K directional derivatives (:func:`_harness.bare_jvp`)."""
   value_fn = lambda p: _rnn_problem.loss_fn(p, xs, ys).value
-  return jax.vmap(lambda v: jax.jvp(value_fn, (params,), (v,)))(tangents)
+  return _harness.bare_jvp(value_fn, params, tangents)
 
 
 def _max_diff(a, b) -> float:
@@ -481,7 +441,9 @@ def memory_section(sizes: dict, budget: Budget) -> dict:
     result["worker_info"][method] = info
     if rows and rows[-1].get("status") not in ("ok", "oom", SKIPPED):
       result.setdefault("worker_stderr", {})[method] = stderr
-    _log(f"memory {method}: " + ", ".join(f"T={r.get('T')} {_mib(r)}" for r in rows))
+    _harness.log(
+      f"memory {method}: " + ", ".join(f"T={r.get('T')} {_mib(r)}" for r in rows)
+    )
   result["crossover_T"] = crossover(result["series"])
   return result
 
@@ -579,7 +541,7 @@ def step_cost_section(sizes: dict, repeats: int, budget: Budget) -> dict:
       result["groups"].append(group)
       result["rows"].extend(group["rows"])
       for row in group["rows"]:
-        _log(
+        _harness.log(
           f"N={hidden} T={horizon} K={row['K']}: jvp {row['jvp_ms']:.2f} ms, "
           f"sofo {row['sofo_ms']:.2f} ms, adam {row['adam_bptt_ms']:.2f} ms, "
           f"remat {row['adam_remat_ms']:.2f} ms; sofo/jvp {row['sofo_over_jvp']:.2f}, "
@@ -621,7 +583,7 @@ def flip_flop_section(sizes: dict, budget: Budget) -> dict:
       "num_nonfinite_steps": history.num_nonfinite_steps,
     }
     entry = result["methods"][method]
-    _log(
+    _harness.log(
       f"flip_flop {method}: final loss {entry['final_loss']:.4g}, "
       f"{entry['ms_per_step']:.2f} ms/step"
     )
@@ -675,7 +637,7 @@ def precision_section(sizes: dict, repeats: int) -> dict:
         ),
       }
     )
-    _log(
+    _harness.log(
       f"precision {precision}: sofo {rows[-1]['sofo_ms']:.2f} ms "
       f"({rows[-1]['sofo_over_float32']:.2f}x float32), jvp error {rows[-1]['jvp_rel_error']:.1e}"
     )
@@ -761,9 +723,9 @@ def environment() -> dict:
 def _section(name: str, budget: Budget, run) -> dict:
   """Runs a section unless the budget is spent; adds its elapsed seconds."""
   if budget.left(name) <= 0:
-    _log(f"{name}: {SKIPPED}")
+    _harness.log(f"{name}: {SKIPPED}")
     return {"status": SKIPPED}
-  _log(f"{name}: starting at {budget.elapsed():.0f} s")
+  _harness.log(f"{name}: starting at {budget.elapsed():.0f} s")
   begin = time.perf_counter()
   result = run()
   result["seconds"] = time.perf_counter() - begin
@@ -836,7 +798,7 @@ def main(argv=None):
       "precision": sizes["precision"],
     },
   }
-  _log(
+  _harness.log(
     f"{mode} on {payload['environment']['device_kind']}, budget {args.budget_s:.0f} s, "
     f"writing {path}"
   )
@@ -858,7 +820,7 @@ def main(argv=None):
     sections[name] = _section(name, budget, run)
     payload.update(sections, elapsed_s=budget.elapsed())
     _harness.write_json(str(path.resolve()), payload)
-  _log(f"wrote {path} after {budget.elapsed():.0f} s")
+  _harness.log(f"wrote {path} after {budget.elapsed():.0f} s")
   return payload
 
 

@@ -37,9 +37,9 @@ import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness  # pylint: disable=g-import-not-at-top,wrong-import-position
+import _rnn_problem  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import sofo_jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-from sofo_jax import losses  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CONFIG = {
   "n_hidden": 16,
@@ -56,14 +56,8 @@ CONFIG = {
 
 
 def init_params(key, n_hidden):
-  k_rec, k_in, k_out = jax.random.split(key, 3)
-  return {
-    "w_rec": 0.9 * jax.random.normal(k_rec, (n_hidden, n_hidden)) / math.sqrt(n_hidden),
-    "w_in": jax.random.normal(k_in, (1, n_hidden)),
-    "b": jnp.zeros(n_hidden),
-    "w_out": jax.random.normal(k_out, (n_hidden, 1)) / math.sqrt(n_hidden),
-    "b_out": jnp.zeros(1),
-  }
+  """A plain (leak 1) ``tanh`` RNN, one input and one output."""
+  return _rnn_problem.model(key, 1, n_hidden, 1, leak=1.0)
 
 
 def batch(key, config):
@@ -72,21 +66,6 @@ def batch(key, config):
   delay = config["delay"]
   ys = jnp.concatenate([jnp.zeros_like(xs[:delay]), xs[:-delay]], 0)
   return xs, ys
-
-
-def loss_fn(params, xs, ys):
-  """Mean over time of the squared error, accumulated in the user's scan."""
-  h0 = jnp.zeros((xs.shape[1], params["w_rec"].shape[0]))
-
-  def step(carry, inputs):
-    h, total = carry
-    x_t, y_t = inputs
-    h = jnp.tanh(h @ params["w_rec"] + x_t @ params["w_in"] + params["b"])
-    out = h @ params["w_out"] + params["b_out"]
-    return (h, total + losses.mse(out, y_t)), None
-
-  (_, total), _ = jax.lax.scan(step, (h0, losses.zero()), (xs, ys))
-  return total / xs.shape[0]
 
 
 def all_finite(tree) -> bool:
@@ -120,7 +99,7 @@ def sofo_update(config):
 
   def update(params, state, xs, ys):
     updates, state = opt.update(
-      None, state, params, loss_fn=lambda p: loss_fn(p, xs, ys)
+      None, state, params, loss_fn=lambda p: _rnn_problem.loss_fn(p, xs, ys)
     )
     diagnostics = sofo_jax.get_diagnostics(state)
     return (
@@ -139,7 +118,9 @@ def adam_update(config):
   opt = optax.adam(config["adam_learning_rate"])
 
   def update(params, state, xs, ys):
-    value, grads = jax.value_and_grad(lambda p: loss_fn(p, xs, ys).value)(params)
+    value, grads = jax.value_and_grad(lambda p: _rnn_problem.loss_fn(p, xs, ys).value)(
+      params
+    )
     updates, state = opt.update(grads, state, params)
     return (
       optax.apply_updates(params, updates),
@@ -245,36 +226,17 @@ def main():
   path = _harness.write_json(
     "long_run_quick.json" if quick else "long_run.json", payload
   )
-  print(
-    _harness.markdown_table(
-      [
-        {
-          "method": k,
-          **{
-            c: v[c]
-            for c in (
-              "steps",
-              "wall_s",
-              "ms_per_step",
-              "final_chunk_loss",
-              "skipped_steps",
-              "params_finite",
-            )
-          },
-        }
-        for k, v in results.items()
-      ],
-      [
-        "method",
-        "steps",
-        "wall_s",
-        "ms_per_step",
-        "final_chunk_loss",
-        "skipped_steps",
-        "params_finite",
-      ],
-    )
-  )
+  columns = [
+    "method",
+    "steps",
+    "wall_s",
+    "ms_per_step",
+    "final_chunk_loss",
+    "skipped_steps",
+    "params_finite",
+  ]
+  rows = [{"method": name, **result} for name, result in results.items()]
+  print(_harness.markdown_table(columns, rows))
   print(f"wrote {path}")
   if not all(r["params_finite"] for r in results.values()):
     sys.exit(1)

@@ -21,8 +21,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import tempfile
-from pathlib import Path
 
 import _harness
 import jax
@@ -46,14 +44,7 @@ def main(argv=None) -> int:
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--output", default=None)
   args = parser.parse_args(argv)
-  out = Path(
-    args.output
-    or (
-      Path(tempfile.gettempdir()) / "neurogym_check.json"
-      if args.quick
-      else Path(__file__).parent / "results" / "neurogym_check.json"
-    )
-  )
+  out = _harness.output_path(args.output, "neurogym_check.json", args.quick)
   steps, seeds = (3, 1) if args.quick else (200, 3)
   rows = []
   for env in ENVS:
@@ -78,13 +69,11 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
   payload = {
     "command": "python " + " ".join(["benchmarks/neurogym_check.py", *sys.argv[1:]]),
-    "machine": _harness.machine(),
     "steps": steps,
     "config": dataclasses.asdict(neurogym.Config()),
     "rows": rows,
   }
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(payload, indent=1, default=str))
+  _harness.write_json(out, payload)
   print(f"wrote {out}")
   return 0
 

@@ -33,7 +33,6 @@ import argparse
 import dataclasses
 import math
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -64,61 +63,69 @@ def segment_length(horizon: int) -> int:
   return max(1, math.isqrt(horizon))
 
 
-def _run_steps(model, carry, observations, latent):
-  """The task's time loop over a stretch of steps: ``(h, loss) -> (h, loss)``.
+def checkpointed_scan(f, init, xs):
+  """``jax.lax.scan(f, init, xs)`` with gradient checkpointing over time.
 
-  Mirrors ``kalman.make``'s ``loss_fn`` step for step (same model call, same
-  ``losses.mse`` accumulation), so the two losses agree to rounding.
+  The T steps are split into segments of :func:`segment_length` (about
+  sqrt(T)); an outer scan over segments runs a ``jax.checkpoint``-ed
+  inner scan, so the backward pass stores only the carries at segment
+  boundaries and recomputes each segment once (memory O(sqrt(T)), one extra
+  forward pass). A shorter last segment takes the rest when T is not a
+  multiple of the length.
+
+  Args:
+    f: the per-step function ``(carry, x_t) -> (carry, y_t)``.
+    init: the initial carry.
+    xs: the inputs, time-major (a pytree).
+
+  Returns:
+    ``(carry, ys)``, as ``jax.lax.scan``.
   """
-
-  def step(carry, xs):
-    h, total = carry
-    y, x = xs
-    h = model(h, y)
-    return (h, total + losses.mse(model.readout(h), x)), None
-
-  carry, _ = jax.lax.scan(step, carry, (observations, latent))
-  return carry
+  horizon = jax.tree.leaves(xs)[0].shape[0]
+  length = segment_length(horizon)
+  num_segments = horizon // length
+  split = num_segments * length
+  # Inside a scan XLA cannot fold the recomputation back into the forward
+  # pass, so prevent_cse's extra barriers would only cost time.
+  segment = jax.checkpoint(
+    lambda carry, x: jax.lax.scan(f, carry, x), prevent_cse=False
+  )
+  head = jax.tree.map(
+    lambda x: x[:split].reshape((num_segments, length, *x.shape[1:])), xs
+  )
+  carry, ys = jax.lax.scan(segment, init, head)
+  ys = jax.tree.map(lambda y: y.reshape((split, *y.shape[2:])), ys)
+  if split < horizon:
+    carry, tail = segment(carry, jax.tree.map(lambda x: x[split:], xs))
+    ys = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys, tail)
+  return carry, ys
 
 
 def remat_loss_fn(config: kalman.Config):
-  """The kalman loss with a two-level, checkpointed scan over time.
+  """The kalman loss with its time loop in a :func:`checkpointed_scan`.
 
   Args:
     config: the task settings (horizon, batch size).
 
   Returns:
-    ``(params, batch) -> Loss``, equal to ``kalman.make(config).loss_fn``. The
-    task's parameters are the whole ``LeakyRNN`` (its non-array fields are
-    static), so they are called directly as the model.
+    ``(params, batch) -> Loss``, equal to ``kalman.make(config).loss_fn``: the
+    same model call and the same ``losses.mse`` accumulation, step for step,
+    so the two losses agree to rounding. The task's parameters are the whole
+    ``LeakyRNN`` (its non-array fields are static), so they are called
+    directly as the model.
   """
-  horizon = config.num_steps
-  length = segment_length(horizon)
-  num_segments, tail = divmod(horizon, length)
-  # The scan already keeps XLA from folding the recomputation back into the
-  # forward pass, so prevent_cse's extra barriers would only cost time.
-  segment = jax.checkpoint(_run_steps, prevent_cse=False)
-
-  def split(x):
-    head = x[: num_segments * length]
-    return head.reshape((num_segments, length, *x.shape[1:])), x[
-      num_segments * length :
-    ]
 
   def loss_fn(params, batch):
-    (obs, obs_tail), (lat, lat_tail) = (
-      split(batch["observations"]),
-      split(batch["latent"]),
-    )
-
-    def outer(carry, xs):
-      return segment(params, carry, *xs), None
+    def step(carry, inputs):
+      h, total = carry
+      y, x = inputs
+      h = params(h, y)
+      return (h, total + losses.mse(params.readout(h), x)), None
 
     carry = (params.initial_state((config.batch_size,)), losses.zero())
-    carry, _ = jax.lax.scan(outer, carry, (obs, lat))
-    if tail:  # T not a multiple of the segment length: one shorter segment
-      carry = segment(params, carry, obs_tail, lat_tail)
-    return carry[1] / horizon
+    inputs = (batch["observations"], batch["latent"])
+    (_, total), _ = checkpointed_scan(step, carry, inputs)
+    return total / config.num_steps
 
   return loss_fn
 
@@ -291,11 +298,7 @@ def main(argv=None):
     rows.append(bench_horizon(overrides, horizon, num_tangents, repeats))
     _print_row(rows[-1])
 
-  output = args.output or (
-    str(Path(tempfile.gettempdir()) / "remat_baseline_quick.json")
-    if quick
-    else "remat_baseline.json"
-  )
+  output = _harness.output_path(args.output, "remat_baseline.json", quick)
   config = {
     k: v
     for k, v in dataclasses.asdict(kalman.Config(**overrides)).items()

@@ -41,7 +41,6 @@ import dataclasses
 import json
 import math
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -79,10 +78,6 @@ SOFO_GRID = tuple((lr, d) for lr in (0.3, 1.0) for d in (1e-4, 1e-3, 1e-2))
 MAX_WALL_CLOCK_FACTOR = 5  # Adam's equal-time run is at most this many times longer
 SMOOTHING = 20
 REACH_TOLERANCE = 0.02  # metres: "both reach errors < 2 cm"
-
-
-def _log(message: str) -> None:
-  print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def train(task, make_optimizer, method: str, num_steps: int, settings, seeds):
@@ -225,7 +220,7 @@ def run_task(name: str, quick: bool, out: Path) -> dict:
   target = target_for(name, task)
   result = {"config": dataclasses.asdict(config), "steps": steps, "target": target}
 
-  _log(f"{name}: SOFO at its defaults")
+  _harness.log(f"{name}: SOFO at its defaults")
   losses, params, seconds = train(task, sofo_defaults, "sofo", steps, [[0.0]], seeds)
   result["sofo_defaults"] = method_summary(
     task, losses[0], params_at(params, 0), seconds, target
@@ -233,7 +228,7 @@ def run_task(name: str, quick: bool, out: Path) -> dict:
   sofo_first_seed = params_at(params_at(params, 0), 0)
   sofo_seconds = seconds * steps
 
-  _log(f"{name}: SOFO at the paper's fixed damping")
+  _harness.log(f"{name}: SOFO at the paper's fixed damping")
   paper = [[config.learning_rate, config.damping]]
   losses, params, seconds = train(
     task, sofo_fixed(0), "sofo", steps, paper, SINGLE_SEED
@@ -248,14 +243,16 @@ def run_task(name: str, quick: bool, out: Path) -> dict:
     damping=config.damping,
   )
 
-  _log(f"{name}: SOFO grid ({len(SOFO_GRID)} points, {tune_steps} steps)")
+  _harness.log(f"{name}: SOFO grid ({len(SOFO_GRID)} points, {tune_steps} steps)")
   warmup = max(1, int(WARMUP_FRACTION * tune_steps))
   grid_losses, _, _ = train(
     task, sofo_fixed(warmup), "sofo", tune_steps, SOFO_GRID, (TUNE_SEED,)
   )
   scores = [final_loss(run) for run in grid_losses]
   best = int(np.argmin(scores))
-  _log(f"{name}: SOFO tuned, lr {SOFO_GRID[best][0]} damping {SOFO_GRID[best][1]}")
+  _harness.log(
+    f"{name}: SOFO tuned, lr {SOFO_GRID[best][0]} damping {SOFO_GRID[best][1]}"
+  )
   warmup = max(1, int(WARMUP_FRACTION * steps))
   losses, params, seconds = train(
     task, sofo_fixed(warmup), "sofo", steps, [SOFO_GRID[best]], SINGLE_SEED
@@ -274,7 +271,7 @@ def run_task(name: str, quick: bool, out: Path) -> dict:
     ],
   )
 
-  _log(f"{name}: Adam grid ({len(ADAM_GRID)} points x {len(seeds)} seeds)")
+  _harness.log(f"{name}: Adam grid ({len(ADAM_GRID)} points x {len(seeds)} seeds)")
   grid = [[lr] for lr in ADAM_GRID]
   grid_losses, grid_params, seconds = train(task, adam, "adam", steps, grid, seeds)
   scores = [final_loss(run) for run in grid_losses]
@@ -298,7 +295,7 @@ def run_task(name: str, quick: bool, out: Path) -> dict:
     )
   )
   if equal_steps > steps:
-    _log(f"{name}: Adam at equal wall-clock ({equal_steps} steps)")
+    _harness.log(f"{name}: Adam at equal wall-clock ({equal_steps} steps)")
     losses, params, seconds = train(
       task, adam, "adam", equal_steps, [[ADAM_GRID[best]]], seeds
     )
@@ -420,10 +417,6 @@ def plot_hand_paths(task, params_by_method: dict, path: Path) -> None:
   plt.close(fig)
 
 
-def _g(value) -> str:
-  return "–" if value is None else f"{value:.3g}"
-
-
 def _median_steps(steps: list) -> str:
   reached = [s for s in steps if s is not None]
   if not reached:
@@ -433,37 +426,66 @@ def _median_steps(steps: list) -> str:
 
 def report(payload: dict) -> str:
   """Markdown tables of a reproduction JSON (``--table``)."""
-  lines = [
-    "| task | iterations | SOFO defaults (3 seeds) | SOFO paper, fixed damping (seed 0) "
-    "| SOFO tuned (seed 0) | Adam best of grid (3 seeds) | defaults / tuned (seed 0) "
-    "| defaults / Adam |",
-    "|---|---|---|---|---|---|---|---|",
-  ]
+  g = _harness.short
+  rows = []
   for name, t in payload["tasks"].items():
     d, p, tu, a = (t[m] for m in ("sofo_defaults", "sofo_paper", "sofo_tuned", "adam"))
     edge = ", at grid edge" if a["at_grid_edge"] else ""
-    lines.append(
-      f"| {name} | {t['steps']} | {_g(d['final_loss'])} | {_g(p['final_loss'])} "
-      f"(max/first {_g(p['max_over_first'])}) | {_g(tu['final_loss'])} (lr {tu['learning_rate']:g}, "
-      f"λ {tu['damping']:g}) | {_g(a['final_loss'])} (lr {a['learning_rate']:g}{edge}) "
-      f"| {_g(d['final_loss_per_seed'][0] / tu['final_loss'])} "
-      f"| {_g(d['final_loss'] / a['final_loss'])} |"
+    rows.append(
+      [
+        name,
+        t["steps"],
+        g(d["final_loss"]),
+        f"{g(p['final_loss'])} (max/first {g(p['max_over_first'])})",
+        f"{g(tu['final_loss'])} (lr {tu['learning_rate']:g}, λ {tu['damping']:g})",
+        f"{g(a['final_loss'])} (lr {a['learning_rate']:g}{edge})",
+        g(d["final_loss_per_seed"][0] / tu["final_loss"]),
+        g(d["final_loss"] / a["final_loss"]),
+      ]
     )
-  lines += [
-    "",
-    "| task | target | iterations to target, SOFO defaults | Adam | max loss / first, SOFO defaults "
-    "| eval loss SOFO / Adam | SOFO time for N it. (3 seeds) | Adam at equal time: it., loss |",
-    "|---|---|---|---|---|---|---|---|",
-  ]
+  losses = _harness.markdown_table(
+    [
+      "task",
+      "iterations",
+      "SOFO defaults (3 seeds)",
+      "SOFO paper, fixed damping (seed 0)",
+      "SOFO tuned (seed 0)",
+      "Adam best of grid (3 seeds)",
+      "defaults / tuned (seed 0)",
+      "defaults / Adam",
+    ],
+    rows,
+  )
+  rows = []
   for name, t in payload["tasks"].items():
     d, a, eq = t["sofo_defaults"], t["adam"], t["adam_equal_wall_clock"]
-    lines.append(
-      f"| {name} | {_g(t['target'])} | {_median_steps(d['steps_to_target'])} "
-      f"| {_median_steps(a['steps_to_target'])} | {_g(d['max_over_first'])} "
-      f"| {_g(float(np.mean(d['eval']['loss'])))} / {_g(float(np.mean(a['eval']['loss'])))} "
-      f"| {eq['sofo_seconds']:.0f} s | {eq['steps']}, {_g(eq['final_loss'])} |"
+    rows.append(
+      [
+        name,
+        g(t["target"]),
+        _median_steps(d["steps_to_target"]),
+        _median_steps(a["steps_to_target"]),
+        g(d["max_over_first"]),
+        f"{g(float(np.mean(d['eval']['loss'])))} / "
+        f"{g(float(np.mean(a['eval']['loss'])))}",
+        f"{eq['sofo_seconds']:.0f} s",
+        f"{eq['steps']}, {g(eq['final_loss'])}",
+      ]
     )
-  return "\n".join(lines)
+  speed = _harness.markdown_table(
+    [
+      "task",
+      "target",
+      "iterations to target, SOFO defaults",
+      "Adam",
+      "max loss / first, SOFO defaults",
+      "eval loss SOFO / Adam",
+      "SOFO time for N it. (3 seeds)",
+      "Adam at equal time: it., loss",
+    ],
+    rows,
+  )
+  return losses + "\n\n" + speed
 
 
 def main(argv=None) -> int:
@@ -489,20 +511,11 @@ def main(argv=None) -> int:
   global NUM_TANGENTS
   if args.quick:
     NUM_TANGENTS = 8
-  out = (
-    Path(args.output)
-    if args.output
-    else (
-      Path(tempfile.gettempdir()) / "reproduction_quick.json"
-      if args.quick
-      else _harness.RESULTS / "reproduction.json"
-    )
-  )
+  out = _harness.output_path(args.output, "reproduction.json", args.quick)
   out.parent.mkdir(parents=True, exist_ok=True)
   payload = {
     "command": "python benchmarks/reproduce.py "
     + " ".join(sys.argv[1:] if argv is None else argv),
-    "machine": _harness.machine(),
     "settings": {
       "num_tangents": NUM_TANGENTS,
       "seeds": list(SEEDS),
@@ -521,9 +534,9 @@ def main(argv=None) -> int:
   for name in args.tasks.split(","):
     payload["tasks"][name] = run_task(name, args.quick, out)
     payload["seconds"] = time.perf_counter() - begin
-    out.write_text(json.dumps(payload, indent=1))
+    _harness.write_json(out, payload)
     plot(payload, out.with_suffix(".png"))
-    _log(f"{name} done; wrote {out}")
+    _harness.log(f"{name} done; wrote {out}")
   return 0
 
 

@@ -37,13 +37,11 @@ from __future__ import annotations
 import os
 import sys
 
+from sofo_jax.demo import quick_mode  # starts no JAX backend
+
 
 def _quick_requested(argv) -> bool:
-  return (
-    "--quick" in argv
-    or ("--size" in argv and "quick" in argv)
-    or os.environ.get("SOFO_QUICK", "0") not in ("", "0")
-  )
+  return quick_mode("--quick" in argv or ("--size" in argv and "quick" in argv))
 
 
 if _quick_requested(
@@ -70,12 +68,8 @@ README = Path(__file__).resolve().parent / "README.md"
 COMMANDS = ("convergence", "memory", "time_vs_k", "table", "all")
 
 
-def _log(msg: str) -> None:
-  print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 def _size(args) -> str:
-  if _harness.quick_mode(args.quick):
+  if quick_mode(args.quick):
     return "quick"
   return "paper" if args.paper_size else "cpu"
 
@@ -87,46 +81,9 @@ def _out_dir(args, size: str) -> Path:
 
 
 def _write(out_dir: Path, name: str, payload: dict, size: str, command: str) -> Path:
-  out_dir.mkdir(parents=True, exist_ok=True)
-  path = out_dir / name
-  payload = {
-    "machine": _harness.machine(),
-    "load_average": list(os.getloadavg()),
-    "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    "size": size,
-    "command": command,
-    **payload,
-  }
-  payload = _plain(payload)
-  # One line per top-level entry keeps the file small and diffable.
-  lines = [
-    f" {json.dumps(k)}: {json.dumps(v, separators=(',', ':'), allow_nan=False)}"
-    for k, v in payload.items()
-  ]
-  path.write_text("{\n" + ",\n".join(lines) + "\n}\n")
-  return path
-
-
-def _plain(x):
-  """JSON-ready copy: numpy to Python, floats to 6 significant digits,
-  non-finite floats to None."""
-  import math
-
-  import numpy as np
-
-  if isinstance(x, dict):
-    return {str(k): _plain(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_plain(v) for v in x]
-  if isinstance(x, np.ndarray):
-    return _plain(x.tolist())
-  if isinstance(x, np.generic):
-    x = x.item()
-  if isinstance(x, float):
-    return float(f"{x:.6g}") if math.isfinite(x) else None
-  if x is None or isinstance(x, (bool, int, str)):
-    return x
-  return str(x)
+  return _harness.write_json(
+    (out_dir / name).resolve(), {"size": size, "command": command, **payload}
+  )
 
 
 def convergence(args, size: str, out_dir: Path, command: str) -> dict:
@@ -150,7 +107,7 @@ def convergence(args, size: str, out_dir: Path, command: str) -> dict:
       name, plans[name], size, grids, seeds, _suite.EVAL_BATCHES[size]
     )
     tasks[name]["task_seconds"] = time.perf_counter() - t0
-    _log(f"{name}: done in {tasks[name]['task_seconds']:.0f}s")
+    _harness.log(f"{name}: done in {tasks[name]['task_seconds']:.0f}s")
   order = [n for n in plans if n in tasks]
   payload = {
     "tasks": {n: tasks[n] for n in order},
@@ -161,7 +118,7 @@ def convergence(args, size: str, out_dir: Path, command: str) -> dict:
   path = _write(out_dir, "convergence.json", payload, size, command)
   payload = json.loads(path.read_text())
   _report.plot_convergence(payload, out_dir / "convergence.png")
-  _log(f"wrote {path} and {out_dir / 'convergence.png'}")
+  _harness.log(f"wrote {path} and {out_dir / 'convergence.png'}")
   return payload
 
 
@@ -170,12 +127,12 @@ def _measure_and_plot(
 ) -> dict:
   """Runs one benchmark, writes ``<name>.json`` and plots it to ``<name>.png``."""
   start = time.perf_counter()
-  payload = run(size, _log)
+  payload = run(size, _harness.log)
   payload["seconds"] = time.perf_counter() - start
   path = _write(out_dir, f"{name}.json", payload, size, command)
   payload = json.loads(path.read_text())
   plot(payload, out_dir / f"{name}.png")
-  _log(f"wrote {path} and {out_dir / f'{name}.png'}")
+  _harness.log(f"wrote {path} and {out_dir / f'{name}.png'}")
   return payload
 
 
@@ -219,9 +176,9 @@ def table(args, size: str, out_dir: Path, command: str) -> str:
   )
   markdown = _report.results_markdown(out_dir, note)
   (out_dir / "results.md").write_text(markdown)
-  _log(f"wrote {out_dir / 'results.md'}")
+  _harness.log(f"wrote {out_dir / 'results.md'}")
   if out_dir.resolve() == RESULTS.resolve() and _report.update_readme(README, markdown):
-    _log(f"updated the results section of {README}")
+    _harness.log(f"updated the results section of {README}")
   print(markdown)
   return markdown
 
@@ -274,7 +231,7 @@ def main(argv=None):
   size = _size(args)
   out_dir = _out_dir(args, size)
   command = "python benchmarks/run.py " + " ".join(argv)
-  _log(f"{args.command}: {size} size, writing to {out_dir}")
+  _harness.log(f"{args.command}: {size} size, writing to {out_dir}")
   results = {}
   steps = (
     ("convergence", "memory", "time_vs_k", "table")

@@ -24,15 +24,14 @@ import argparse
 import dataclasses
 import json
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import _harness
 import numpy as np
 import reproduce
 
 import sofo_jax
+from sofo_jax import training
 
 VARIANTS = {
   "defaults": {},
@@ -45,19 +44,38 @@ VARIANTS = {
   "min_rho_fast_decrease": {
     "step_control": sofo_jax.StepControl(min_rho=0.25, decrease=0.5)
   },
-  # A damping floor two decades higher.
-  "damping_floor": {"step_control": sofo_jax.StepControl(min_damping=1e-4)},
+  # A damping floor two decades higher, at the old min_rho = 0.
+  "damping_floor": {
+    "step_control": sofo_jax.StepControl(min_rho=0.0, min_damping=1e-4)
+  },
+  # The same floor with min_rho = 0.25.
+  "min_rho_floor": {
+    "step_control": sofo_jax.StepControl(min_rho=0.25, min_damping=1e-4)
+  },
   # The defaults without quadratic-model momentum.
   "no_momentum": {"momentum": False},
+  # Delayed addition's tuned fixed-damping point (reproduction.json: lr 1,
+  # relative damping 1e-4, a linear warm-up over the first 100 steps), run on
+  # every seed rather than the first only.
+  "fixed_tuned": {
+    "learning_rate": training.warmup(1.0, 100),
+    "damping": 1e-4,
+    "adaptive": False,
+  },
+  # The defaults with that warm-up.
+  "warmup": {"learning_rate": training.warmup(1.0, 100)},
 }
 DEFAULT_VARIANTS = ("defaults", "min_rho", "min_rho_fast_decrease", "damping_floor")
 DEFAULT_TASKS = ("kalman", "lorenz", "delayed_addition")
 
 
 def make_optimizer(options: dict):
+  options = dict(options)
+  learning_rate = options.pop("learning_rate", 1.0)
+
   def make(setting, key):
     del setting
-    return sofo_jax.sofo(1.0, reproduce.NUM_TANGENTS, key=key, **options)
+    return sofo_jax.sofo(learning_rate, reproduce.NUM_TANGENTS, key=key, **options)
 
   return make
 
@@ -88,18 +106,10 @@ def main(argv=None) -> int:
     help="add to the existing output instead of replacing it",
   )
   args = parser.parse_args(argv)
-  out = Path(
-    args.output
-    or (
-      Path(tempfile.gettempdir()) / "step_control_variants.json"
-      if args.quick
-      else Path(__file__).parent / "results" / "step_control_variants.json"
-    )
-  )
+  out = _harness.output_path(args.output, "step_control_variants.json", args.quick)
   payload = {
     "command": "python "
     + " ".join(["benchmarks/step_control_variants.py", *sys.argv[1:]]),
-    "machine": _harness.machine(),
     "num_tangents": reproduce.NUM_TANGENTS,
     "tasks": {},
   }
@@ -124,7 +134,7 @@ def main(argv=None) -> int:
       )
       rows[variant] = summary(losses[0])
       rows[variant]["seconds"] = time.perf_counter() - begin
-      reproduce._log(
+      _harness.log(
         f"{name} {variant}: final {rows[variant]['final_loss']:.4g} "
         f"per seed {[f'{v:.3g}' for v in rows[variant]['final_loss_per_seed']]} "
         f"max/first {rows[variant]['max_over_first']:.3g}"
@@ -132,8 +142,7 @@ def main(argv=None) -> int:
     payload["tasks"][name] = {"steps": steps, "seeds": list(seeds), "variants": rows}
     payload["seconds"] = payload.get("seconds", 0) + time.perf_counter() - begin_all
     begin_all = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=1))
+    _harness.write_json(out, payload)
   print(f"wrote {out}")
   return 0
 

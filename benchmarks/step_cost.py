@@ -24,6 +24,7 @@ Usage: ``python benchmarks/step_cost.py [--quick] [--repeats R]``
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -60,9 +61,7 @@ def bench(n_hidden, batch, horizon, tangent_counts, repeats):
     opt = sofo_jax.sofo(1.0, k, 1e-4, key=jax.random.key(2))
     state = opt.init(params)
 
-    @jax.jit
-    def bare_jvp(p, t):
-      return jax.vmap(lambda v: jax.jvp(value_fn, (p,), (v,)))(t)
+    bare_jvp = jax.jit(functools.partial(_harness.bare_jvp, value_fn))
 
     @jax.jit
     def sofo_step(p, s):
@@ -150,7 +149,6 @@ def main(argv=None):
   )
   print(
     _harness.markdown_table(
-      rows,
       [
         "K",
         "jvp_ms",
@@ -161,6 +159,7 @@ def main(argv=None):
         "sketch_over_jvp",
         "tangent_draw_ms",
       ],
+      rows,
     )
   )
   print(f"wrote {path}")

@@ -23,6 +23,22 @@ from sofo_jax import training
 from sofo_jax.tasks import flip_flop
 
 
+def quick_mode(flag: bool = False) -> bool:
+  """Whether to run at quick (smoke-test) size.
+
+  True when ``flag`` is (a ``--quick`` option) or when the environment
+  variable ``SOFO_QUICK`` is set to anything but ``""`` or ``"0"``. The demo
+  and the benchmark scripts read it here. Importing sofo_jax starts no JAX
+  backend, so a script may call this before it sets ``XLA_FLAGS``.
+
+  Example:
+    >>> from sofo_jax.demo import quick_mode
+    >>> quick_mode(True)
+    True
+  """
+  return flag or os.environ.get("SOFO_QUICK", "0") not in ("", "0")
+
+
 def _config(quick: bool) -> flip_flop.Config:
   if quick:
     return dataclasses.replace(flip_flop.Config.quick(), num_tangents=16)
@@ -53,7 +69,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default="demo_out")
   args = parser.parse_args(argv)
-  quick = args.quick or os.environ.get("SOFO_QUICK", "0") not in ("", "0")
+  quick = quick_mode(args.quick)
   config = _config(quick)
   steps = args.steps or (20 if quick else 300)
   task = flip_flop.make(config)

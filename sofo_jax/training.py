@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jaxtyping import ArrayLike
 
 from sofo_jax._src import forward_gradient as forward_gradient_lib
 from sofo_jax._src import state_utils, transform
@@ -61,7 +60,7 @@ class History:
   num_nonfinite_steps: int = 0
 
 
-def warmup(peak: ArrayLike, warmup_steps: int) -> optax.ScalarOrSchedule:
+def warmup(peak: float | jax.Array, warmup_steps: int) -> optax.ScalarOrSchedule:
   """A learning rate that ramps linearly from ``peak / 10`` to ``peak``.
 
   .. math::
@@ -71,6 +70,12 @@ def warmup(peak: ArrayLike, warmup_steps: int) -> optax.ScalarOrSchedule:
   SOFO's first exact, lightly damped Gauss–Newton steps from a random
   initialisation can overshoot; a short warm-up lets it run at the paper's
   learning rate of 1 afterwards.
+
+  This is ``optax.linear_schedule(0.1 * peak, peak, warmup_steps)`` except
+  for ``warmup_steps=0``, where optax's schedule would stay at
+  ``0.1 * peak`` for ever and this returns ``peak``. For other shapes (a
+  decay after the warm-up, say) compose optax's schedules directly, e.g.
+  ``optax.join_schedules``.
 
   Args:
     peak: the learning rate after the warm-up (may be a traced scalar).
@@ -124,12 +129,14 @@ def make_optimizer(
     raise ValueError(
       f"Options {sorted(sofo_options)} apply to SOFO only, not {method!r}."
     )
+  # A key or num_tangents left as None goes on to the optimizer's own checks,
+  # whose errors say what to pass.
   if method == "sofo":
     if damping is not None:
       sofo_options["damping"] = damping
-    return transform.sofo(learning_rate, num_tangents, key=key, **sofo_options)
+    return transform.sofo(learning_rate, num_tangents, key=key, **sofo_options)  # type: ignore[arg-type]
   if method == "fgd":
-    return forward_gradient_lib.forward_gradient(learning_rate, num_tangents, key=key)
+    return forward_gradient_lib.forward_gradient(learning_rate, num_tangents, key=key)  # type: ignore[arg-type]
   if method == "adam":
     return optax.with_extra_args_support(optax.adam(learning_rate))
   if method == "sgd":

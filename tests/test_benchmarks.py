@@ -3,11 +3,11 @@
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from commands import run_ok
 
 pytest.importorskip("matplotlib")
 
@@ -29,16 +29,29 @@ def _numbers(tree):
 def quick_results(tmp_path_factory):
   out = tmp_path_factory.mktemp("bench")
   env = {**os.environ, "SOFO_QUICK": "1"}
-  done = subprocess.run(
+  run_ok(
     [sys.executable, str(RUN), "all", "--quick", "--out", str(out)],
-    capture_output=True,
-    text=True,
     env=env,
     timeout=300,
-    check=False,
   )
-  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   return out
+
+
+def test_xla_flags_set_after_importing_sofo_jax_take_effect(tmp_path):
+  """Importing sofo_jax starts no JAX backend.
+
+  ``run.py`` reads ``SOFO_QUICK`` through ``sofo_jax.demo`` and only then sets
+  the quick mode's ``XLA_FLAGS``, which JAX reads when its backend starts.
+  """
+  code = (
+    "import os, sys\n"
+    "import sofo_jax.demo, jax\n"
+    "os.environ['XLA_FLAGS'] = '--xla_dump_to=' + sys.argv[1]\n"
+    "jax.jit(lambda x: x + 1)(1.0)\n"
+  )
+  dump = tmp_path / "dump"
+  run_ok([sys.executable, "-c", code, str(dump)], timeout=120)
+  assert dump.is_dir() and any(dump.iterdir())
 
 
 def test_writes_every_file(quick_results):
@@ -110,7 +123,7 @@ def test_results_markdown(quick_results):
 
 def _run_script(script: str, output, *args: str) -> dict:
   """Runs a benchmark script in quick mode and returns the JSON it wrote."""
-  done = subprocess.run(
+  run_ok(
     [
       sys.executable,
       str(RUN.parent / script),
@@ -119,12 +132,8 @@ def _run_script(script: str, output, *args: str) -> dict:
       "--output",
       str(output),
     ],
-    capture_output=True,
-    text=True,
     timeout=600,
-    check=False,
   )
-  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   return json.loads(output.read_text())
 
 
@@ -214,14 +223,10 @@ def test_neurogym_check_quick(tmp_path):
 
 def test_gpu_dry_run(tmp_path):
   """``gpu.py --dry-run`` writes all four sections with positive, finite figures."""
-  done = subprocess.run(
+  run_ok(
     [sys.executable, str(RUN.parent / "gpu.py"), "--dry-run", "--out", str(tmp_path)],
-    capture_output=True,
-    text=True,
     timeout=300,
-    check=False,
   )
-  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   payload = json.loads((tmp_path / "gpu.json").read_text())
   assert all(math.isfinite(x) for x in _numbers(payload))
   env = payload["environment"]

@@ -198,20 +198,26 @@ def saved(tmp_path):
   return path, params, state
 
 
-def test_different_param_shapes(saved):
+@pytest.mark.parametrize(
+  "shape, dtype, match",
+  [
+    (
+      (3, 3),
+      jnp.float32,
+      r"\['params'\]\['w'\]: checkpoint \(3, 2\) float32, like \(3, 3\) float32",
+    ),
+    (
+      (3, 2),
+      jnp.bfloat16,
+      r"\['params'\]\['w'\]: checkpoint \(3, 2\) float32, like \(3, 2\) bfloat16",
+    ),
+  ],
+  ids=["shape", "dtype"],
+)
+def test_different_param_shape_or_dtype(saved, shape, dtype, match):
   path, params, state = saved
-  other = dict(params, w=jnp.ones((3, 3)))
-  with pytest.raises(
-    ValueError,
-    match=r"\['params'\]\['w'\]: checkpoint \(3, 2\) float32, like \(3, 3\) float32",
-  ):
-    checkpoint.restore(path, like=(other, state))
-
-
-def test_different_dtype(saved):
-  path, params, state = saved
-  other = dict(params, w=jnp.ones((3, 2), jnp.bfloat16))
-  with pytest.raises(ValueError, match=r"\['w'\].*float32, like \(3, 2\) bfloat16"):
+  other = dict(params, w=jnp.ones(shape, dtype))
+  with pytest.raises(ValueError, match=match):
     checkpoint.restore(path, like=(other, state))
 
 

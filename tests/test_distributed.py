@@ -21,6 +21,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
+from commands import cpu_devices_env
 
 import sofo_jax
 
@@ -31,16 +32,7 @@ SHARD_MAP_MODES = ("data", "tangent", "data_tangent")
 
 @pytest.fixture(scope="module")
 def results():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = " ".join(
-    [
-      env.get("XLA_FLAGS", ""),
-      "--xla_force_host_platform_device_count=8",
-      "--xla_backend_optimization_level=0",
-      "--xla_llvm_disable_expensive_passes=true",
-    ]
-  ).strip()
-  env["JAX_PLATFORMS"] = "cpu"
+  env = cpu_devices_env(8)
   processes = {
     part: subprocess.Popen(
       [sys.executable, SCRIPT, part],

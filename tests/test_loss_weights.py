@@ -62,6 +62,14 @@ CASES = {
 }
 
 
+def _outputs_and_targets(name, seed):
+  """The loss of case ``name``, float32 outputs and targets of batch shape BATCH."""
+  n_out, sofo_loss, _, sample_targets = CASES[name]
+  rng = np.random.default_rng(seed)
+  y = rng.normal(size=(*BATCH, n_out)).astype(np.float32)
+  return sofo_loss, y, sample_targets(rng, (*BATCH, n_out))
+
+
 def _weights(rng):
   weights = rng.uniform(0.5, 2.0, size=BATCH)
   weights[0, 1] = weights[1, 2] = 0.0  # zeros: those examples drop out
@@ -104,10 +112,7 @@ def test_weighted_value_and_sketch_match_the_dense_reference(x64, name):
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_normalisation_divides_by_the_batch_size(name):
-  n_out, sofo_loss, _, sample_targets = CASES[name]
-  rng = np.random.default_rng(2)
-  y = rng.normal(size=(*BATCH, n_out)).astype(np.float32)
-  targets = sample_targets(rng, (*BATCH, n_out))
+  sofo_loss, y, targets = _outputs_and_targets(name, 2)
   mask = np.zeros(BATCH, bool)
   mask[1] = True  # keep half of the batch
   plain = sofo_loss(y, targets, None).value
@@ -162,16 +167,17 @@ def test_time_mask_as_a_bool_scale_matches_the_dense_reference(x64):
   params, xs, targets = _rnn_problem(np.random.default_rng(4))
 
   def loss_fn(p):
-    h0 = jnp.zeros((xs.shape[1], p["w_rec"].shape[0]), xs.dtype)
+    model = models.rnn(p)
 
     def step(carry, inputs):
       h, total = carry
       t, x_t, target_t = inputs
-      h = models._rnn_cell(p, h, x_t)
+      h = model(h, x_t)
       # A traced bool scalar scales the loss: steps before T0 are masked.
-      return (h, total + (t >= T0) * losses.mse(h @ p["w_out"], target_t)), None
+      return (h, total + (t >= T0) * losses.mse(model.readout(h), target_t)), None
 
     inputs = (jnp.arange(T_STEPS), xs, targets)
+    h0 = model.initial_state(xs.shape[1:2])
     (_, total), _ = jax.lax.scan(step, (h0, losses.zero(xs.dtype)), inputs)
     return total / T_STEPS
 
@@ -305,10 +311,7 @@ def test_jax_grad_of_a_loss_returning_closure_hints_at_value():
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_weights_of_the_wrong_shape_name_the_loss_and_shapes(name):
-  n_out, sofo_loss, _, sample_targets = CASES[name]
-  rng = np.random.default_rng(6)
-  y = rng.normal(size=(*BATCH, n_out)).astype(np.float32)
-  targets = sample_targets(rng, (*BATCH, n_out))
+  sofo_loss, y, targets = _outputs_and_targets(name, 6)
   message = (
     f"{name}: weights of shape (4,) do not broadcast to the batch shape "
     f"{BATCH} (outputs of shape {y.shape}"
@@ -322,10 +325,7 @@ def test_weights_of_the_wrong_shape_name_the_loss_and_shapes(name):
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_negative_concrete_weights_are_rejected(name):
-  n_out, sofo_loss, _, sample_targets = CASES[name]
-  rng = np.random.default_rng(7)
-  y = rng.normal(size=(*BATCH, n_out)).astype(np.float32)
-  targets = sample_targets(rng, (*BATCH, n_out))
+  sofo_loss, y, targets = _outputs_and_targets(name, 7)
   weights = np.ones(BATCH)
   weights[1, 1] = -0.5
   with pytest.raises(

@@ -35,8 +35,9 @@ def _rnn_problem(seed=0, dtype=np.float32):
   mask = {
     "w_rec": connectivity,
     "w_in": True,
-    "w_out": rng.random((N_HIDDEN, N_OUT)) < 0.7,
-    "b": False,
+    "bias": False,
+    "w_out": rng.random((N_OUT, N_HIDDEN)) < 0.7,
+    "b_out": True,
   }
   loss_fn = lambda p: models.rnn_scan_loss(p, xs, targets)
   return params, mask, loss_fn
@@ -117,8 +118,8 @@ def test_masked_tangents_live_in_the_trainable_subspace(x64, distribution):
     tangents = sofo_jax.sample_tangents(
       jax.random.key(k), params, k, distribution, mask=mask
     )
-    assert tangents["b"] is None  # a leaf-level False draws nothing
-    tangents["b"] = jnp.zeros((k, N_HIDDEN))
+    assert tangents["bias"] is None  # a leaf-level False draws nothing
+    tangents["bias"] = jnp.zeros((k, N_HIDDEN))
     theta = jax.vmap(lambda t: ravel_pytree(t)[0])(tangents)  # (K, P)
     assert np.all(np.asarray(theta)[:, frozen] == 0)
     if distribution == "normalized_gaussian":
@@ -133,9 +134,10 @@ def test_all_or_nothing_entry_masks_are_leaf_flags():
   params, _, _ = _rnn_problem()
   mask = {
     "w_rec": np.ones((N_HIDDEN, N_HIDDEN), bool),
-    "w_in": np.zeros((N_IN, N_HIDDEN), bool),
+    "w_in": np.zeros((N_HIDDEN, N_IN), bool),
+    "bias": False,
     "w_out": True,
-    "b": False,
+    "b_out": False,
   }
   part = tree_lib.partition(params, mask)
   assert part.entry_masks == (None, None)  # w_out and w_rec, whole
@@ -153,7 +155,7 @@ def test_forward_gradient_counts_only_trainable_entries():
   params, _, loss_fn = _rnn_problem(3)
   only = np.zeros((N_HIDDEN, N_HIDDEN), bool)
   only[1, 2] = True
-  mask = {"w_rec": only, "w_in": False, "w_out": False, "b": False}
+  mask = {"w_rec": only, "w_in": False, "bias": False, "w_out": False, "b_out": False}
   opt = sofo_jax.scale_by_forward_gradient(4, key=jax.random.key(0), mask=mask)
   updates, _ = opt.update(None, opt.init(params), params, loss_fn=loss_fn)
   gradient = jax.grad(lambda p: loss_fn(p).value)(params)["w_rec"]
@@ -165,7 +167,7 @@ def test_traced_entry_mask_from_a_callable():
   """A callable may build the mask from the (traced) params inside jit."""
   params, _, loss_fn = _rnn_problem(4)
   params["w_rec"] = params["w_rec"] * (np.abs(params["w_rec"]) > 0.3)  # pruned
-  nonzero = lambda p: {"w_rec": p["w_rec"] != 0, "w_in": True, "w_out": True, "b": True}
+  nonzero = lambda p: {**jax.tree.map(lambda _: True, p), "w_rec": p["w_rec"] != 0}
   opt = sofo_jax.sofo(0.5, 4, 1e-3, key=jax.random.key(0), adaptive=False, mask=nonzero)
   step = jax.jit(lambda p, s: opt.update(None, s, p, loss_fn=loss_fn))
   updates, _ = step(params, opt.init(params))
@@ -196,8 +198,9 @@ def _restricted_problem(model, seed):
     mask = {
       "w_rec": rng.random((3, 3)) < 0.5,
       "w_in": True,
-      "w_out": rng.random((3, N_OUT)) < 0.6,
-      "b": False,
+      "bias": False,
+      "w_out": rng.random((N_OUT, 3)) < 0.6,
+      "b_out": True,
     }
   loss_fn = lambda p: losses.mse(outputs_fn(p), targets)
   loss_of_outputs = lambda y: jnp.mean(jnp.sum((y - targets) ** 2, -1))

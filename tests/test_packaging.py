@@ -10,18 +10,15 @@ import shutil
 import site
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+from commands import run_ok
 from packaging.version import Version
 
 import sofo_jax
-
-try:
-  import tomllib
-except ModuleNotFoundError:  # Python 3.10; pytest depends on tomli there
-  import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -126,7 +123,7 @@ def wheel(tmp_path_factory):
   )
   env = {**os.environ, "PYTHONPATH": str(poison.parent)}
   dist = work / "dist"
-  done = subprocess.run(
+  run_ok(
     [
       sys.executable,
       "-m",
@@ -137,14 +134,10 @@ def wheel(tmp_path_factory):
       str(dist),
       str(source),
     ],
-    capture_output=True,
-    text=True,
     env=env,
     cwd=work,
     timeout=TIMEOUT_S,
-    check=False,
   )
-  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   wheels = sorted(dist.glob("*.whl"))
   assert len(wheels) == 1, wheels
   return wheels[0]
@@ -213,7 +206,7 @@ def test_wheel_installs_and_imports_in_a_clean_venv(wheel, tmp_path):
     python = venv / "Scripts" / "python.exe"
   # --isolated: no PIP_* variables or user configuration; --no-index: the
   # wheel alone, nothing from a registry.
-  installed = subprocess.run(
+  run_ok(
     [
       str(python),
       "-m",
@@ -226,26 +219,18 @@ def test_wheel_installs_and_imports_in_a_clean_venv(wheel, tmp_path):
       "--quiet",
       str(wheel),
     ],
-    capture_output=True,
-    text=True,
     cwd=tmp_path,
     timeout=TIMEOUT_S,
-    check=False,
   )
-  assert installed.returncode == 0, installed.stdout[-3000:] + installed.stderr[-3000:]
 
   dependencies = [path for path in site.getsitepackages() if Path(path).is_dir()]
   # -I: no PYTHONPATH, no user site and no working directory on sys.path,
   # so the checkout's sofo_jax cannot be picked up by accident.
-  ran = subprocess.run(
+  ran = run_ok(
     [str(python), "-I", "-c", _IMPORT_CHECK, json.dumps(dependencies)],
-    capture_output=True,
-    text=True,
     cwd=tmp_path,
     timeout=TIMEOUT_S,
-    check=False,
   )
-  assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
   found = json.loads(ran.stdout.strip().splitlines()[-1])
   clean = venv.resolve()
   assert Path(found["prefix"]).resolve() == clean

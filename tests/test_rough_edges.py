@@ -7,6 +7,7 @@ in log files, and the README's list of extras.
 
 import io
 import re
+import tomllib
 import warnings
 from pathlib import Path
 
@@ -15,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import tomllib
 
 import sofo_jax
 from sofo_jax import training

@@ -198,12 +198,13 @@ def _stored(leaf: Any, path: str) -> tuple[Any, dict]:
   Raises TypeError (or ValueError for a deleted array) naming the leaf, so a
   save that cannot succeed fails before it writes anything.
   """
-  entry = {"path": path, "key_impl": None}
+  entry: dict[str, Any] = {"path": path, "key_impl": None}
   if isinstance(leaf, jax.core.Tracer):
     raise TypeError(
       f"Leaf {path} is a traced value: checkpoint.save runs outside jax.jit "
       "(call it on the arrays the jitted step returns)."
     )
+  value: jax.Array | np.ndarray
   if isinstance(leaf, jax.Array):
     if leaf.is_deleted():
       raise ValueError(
@@ -438,7 +439,7 @@ def _restore_from(read: Callable[[Any], dict], where: str, like: Any) -> Checkpo
   values = []
   for entry, like_leaf in zip(entries, leaves):
     if not entry["stored"]:
-      value = np.zeros(*_stored_shape(like_leaf, entry))
+      value: Any = np.zeros(*_stored_shape(like_leaf, entry))
       if entry["key_impl"]:
         value = jax.random.wrap_key_data(value, impl=entry["key_impl"])
     else:

@@ -56,7 +56,7 @@ def jit_when_eager(update_fn: Callable, check_updates: Callable) -> Callable:
     >>> len(calls), float(out)
     (1, 2.0)
   """
-  compiled = collections.OrderedDict()
+  compiled: collections.OrderedDict[Callable, Callable] = collections.OrderedDict()
 
   @functools.wraps(update_fn)
   def update(updates, state, params=None, *, loss_fn=None, **extra_args):

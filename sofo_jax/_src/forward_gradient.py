@@ -13,11 +13,11 @@ from sofo_jax._src import eager as eager_lib
 from sofo_jax._src import keys as keys_lib
 from sofo_jax._src import learning_rate as learning_rate_lib
 from sofo_jax._src import losses as losses_lib
+from sofo_jax._src import multisteps, validation
 from sofo_jax._src import sketch as sketch_lib
 from sofo_jax._src import solve as solve_lib
 from sofo_jax._src import tangents as tangents_lib
 from sofo_jax._src import tree as tree_lib
-from sofo_jax._src import validation
 
 
 class ForwardGradientDiagnostics(NamedTuple):
@@ -48,7 +48,8 @@ class ScaleByForwardGradientState(NamedTuple):
       else ``None``.
   """
 
-  count: Int[Array, ""]
+  # The field shadows tuple.count, as in optax's states; mypy flags that.
+  count: Int[Array, ""]  # type: ignore[assignment]
   key: jax.Array
   diagnostics: ForwardGradientDiagnostics
   aux: Any = None
@@ -123,6 +124,7 @@ def scale_by_forward_gradient(
   validation.check_learning_rate(learning_rate, owner)
 
   def init_fn(params):
+    multisteps.check_not_in_multisteps(owner)
     validation.check_params(params, owner, mask)
     dtype = jnp.zeros(()).dtype
     return ScaleByForwardGradientState(
@@ -138,6 +140,7 @@ def scale_by_forward_gradient(
     )
 
   def update_fn(updates, state, params=None, *, loss_fn=None, **extra_args):
+    multisteps.check_not_in_multisteps(owner)
     validation.check_loss_fn(loss_fn, owner, extra_args)
     count = validation.checked_count(updates, state.count, owner)
     part = validation.check_params(params, owner, mask)
@@ -176,7 +179,8 @@ def scale_by_forward_gradient(
       + jnp.where(finite, 0, 1).astype(jnp.int32),
     )
     new_state = ScaleByForwardGradientState(
-      count=optax.safe_increment(count),
+      # optax annotates safe_increment's result as any chex.Numeric.
+      count=optax.safe_increment(count),  # type: ignore[arg-type]
       key=next_key,
       diagnostics=diagnostics,
       aux=aux,

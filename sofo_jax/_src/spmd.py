@@ -165,9 +165,7 @@ def axis_size(axis_name: AxisName, role: str) -> int:
   return size
 
 
-def check_bound(
-  data_axis_name: AxisName | None, tangent_axis_name: Hashable | None
-) -> None:
+def check_bound(data_axis_name: AxisName | None, tangent_axis_name: str | None) -> None:
   """Trace-time checks, before the sketch: the axes exist, ``check_vma`` is off."""
   if data_axis_name is not None:
     axis_size(data_axis_name, "data_axis_name")
@@ -176,7 +174,7 @@ def check_bound(
 
 
 def local_block(
-  tangent_leaves: list, num_tangents: int, tangent_axis_name: Hashable
+  tangent_leaves: list, num_tangents: int, tangent_axis_name: str
 ) -> list:
   """This device's block of K/D tangents (all devices hold all K)."""
   shards = axis_size(tangent_axis_name, "tangent_axis_name")
@@ -197,7 +195,7 @@ def combine_shards(
   gradient: Float[Array, " block"],
   rows: Float[Array, "block k"],
   data_axis_name: AxisName | None,
-  tangent_axis_name: Hashable | None,
+  tangent_axis_name: str | None,
 ) -> tuple[Float[Array, ""], Float[Array, " k"], Float[Array, "k k"]]:
   """Averages over the data axis, then gathers row blocks over the tangent axis.
 

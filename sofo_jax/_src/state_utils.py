@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
+import optax
 
 from sofo_jax._src import forward_gradient, transform
 
@@ -17,10 +17,12 @@ _STATE_KINDS = (
 def get_state(
   state: Any,
 ) -> transform.ScaleBySofoState | forward_gradient.ScaleByForwardGradientState:
-  """The first SOFO or forward-gradient state nested anywhere in ``state``.
+  """The SOFO or forward-gradient state nested anywhere in ``state``.
 
   Works through ``optax.chain``, ``inject_hyperparams``, ``apply_if_finite``
-  and any other nesting of NamedTuples, tuples, lists and dicts.
+  and any other nesting of NamedTuples, tuples, lists and dicts: it is
+  :func:`optax.tree.get_all_with_path` looking for the state's class name,
+  with clearer errors.
 
   Args:
     state: an optimizer state.
@@ -29,7 +31,8 @@ def get_state(
     The :class:`ScaleBySofoState` or :class:`ScaleByForwardGradientState`.
 
   Raises:
-    ValueError: if there is none.
+    ValueError: if there is none, or more than one (then pick one with
+      ``optax.tree.get_all_with_path(state, "ScaleBySofoState")``).
 
   Example:
     >>> import jax, jax.numpy as jnp, sofo_jax
@@ -37,11 +40,25 @@ def get_state(
     >>> sofo_jax.get_state(opt.init({"w": jnp.ones(3)})).count
     Array(0, dtype=int32)
   """
-  is_ours = lambda node: isinstance(node, _STATE_KINDS)
-  for node in jax.tree.leaves(state, is_leaf=is_ours):
-    if is_ours(node):
-      return node
-  raise ValueError("No sofo_jax optimizer state was found in this state.")
+  # optax matches a NamedTuple by class name; the isinstance filter keeps out
+  # a field or dict key of that name and another library's class of that name.
+  found = [
+    value
+    for kind in _STATE_KINDS
+    for _, value in optax.tree.get_all_with_path(
+      state, kind.__name__, filtering=lambda _, value: isinstance(value, _STATE_KINDS)
+    )
+  ]
+  if not found:
+    raise ValueError("No sofo_jax optimizer state was found in this state.")
+  if len(found) > 1:
+    raise ValueError(
+      f"This state holds {len(found)} sofo_jax optimizer states, so which one "
+      "to return is ambiguous; pick one from "
+      'optax.tree.get_all_with_path(state, "ScaleBySofoState") (or '
+      '"ScaleByForwardGradientState").'
+    )
+  return found[0]
 
 
 def get_diagnostics(

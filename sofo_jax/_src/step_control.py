@@ -38,11 +38,12 @@ passes it on.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Bool, Float
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from sofo_jax._src import solve as solve_lib
 
@@ -106,7 +107,7 @@ class StepControl:
       )
     if self.num_trials < 1:
       raise ValueError(f"StepControl.num_trials must be >= 1; got {self.num_trials}.")
-    checks = (
+    checks: tuple[tuple[str, bool, str], ...] = (
       ("trial_growth", self.trial_growth > 1.0, "> 1"),
       ("decrease", 0.0 < self.decrease <= 1.0, "in (0, 1]"),
       ("increase", self.increase >= 1.0, ">= 1"),
@@ -121,7 +122,9 @@ class StepControl:
       if not (
         isinstance(value, (int, float))
         and not isinstance(value, bool)
-        and jnp.isfinite(value)
+        # math, not jnp: a default StepControl() is built at import, and
+        # importing sofo_jax must not start a JAX backend.
+        and math.isfinite(value)
         and ok
       ):
         raise ValueError(
@@ -142,6 +145,9 @@ class ControlledStep(NamedTuple):
     rejected: whether every trial was rejected.
     trial_loss: the loss after the accepted step (the loss before it if
       rejected).
+    trial: index of the accepted trial (the most damped one if rejected).
+    predicted_decrease: the quadratic model's decrease of the accepted step
+      for a unit learning rate (zero if rejected).
   """
 
   coefficients: Float[Array, " k"]
@@ -150,6 +156,8 @@ class ControlledStep(NamedTuple):
   rho: Float[Array, ""]
   rejected: Bool[Array, ""]
   trial_loss: Float[Array, ""]
+  trial: Int[Array, ""]
+  predicted_decrease: Float[Array, ""]
 
 
 class Ladder(NamedTuple):
@@ -160,11 +168,14 @@ class Ladder(NamedTuple):
     coefficients: :math:`w_j`, shape ``(M, K)``.
     predicted: the quadratic model's decrease for each step
       :math:`-\\eta\\Theta w_j`, shape ``(M,)``.
+    unit_predicted: the same for a unit learning rate (for the
+      diagnostics), shape ``(M,)``.
   """
 
   dampings: Float[Array, " m"]
   coefficients: Float[Array, "m k"]
   predicted: Float[Array, " m"]
+  unit_predicted: Float[Array, " m"]
 
 
 def ladder(
@@ -202,10 +213,12 @@ def ladder(
     predicted = solve_lib.model_decrease(
       gradient, gauss_newton, coefficients, learning_rate
     )
-    return coefficients, predicted
+    # The same products at a unit learning rate: XLA computes them once.
+    unit = solve_lib.model_decrease(gradient, gauss_newton, coefficients)
+    return coefficients, predicted, unit
 
-  coefficients, predicted = jax.vmap(solve_one)(dampings)
-  return Ladder(dampings, coefficients, predicted)
+  coefficients, predicted, unit = jax.vmap(solve_one)(dampings)
+  return Ladder(dampings, coefficients, predicted, unit)
 
 
 def choose(
@@ -243,8 +256,8 @@ def choose(
     & (~positive | (rho >= settings.min_rho))
     & finite
   )
-  rejected = ~jnp.any(acceptable)
   chosen = jnp.argmax(acceptable)  # the first, least damped, acceptable trial
+  rejected = ~acceptable[chosen]  # argmax of all-False is 0 (one reduction, not two)
   chosen = jnp.where(rejected, settings.num_trials - 1, chosen)
   chosen_rho = rho[chosen]
   factor = jnp.where(
@@ -262,4 +275,6 @@ def choose(
     rho=chosen_rho,
     rejected=rejected,
     trial_loss=jnp.where(rejected, loss, losses[chosen]),
+    trial=chosen,
+    predicted_decrease=jnp.where(rejected, 0.0, trials.unit_predicted[chosen]),
   )

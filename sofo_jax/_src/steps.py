@@ -46,8 +46,9 @@ class Outcome(NamedTuple):
   """What one update decided.
 
   Attributes:
-    direction: the direction leaves handed to the chain (which scales them
-      by :math:`-\\eta`).
+    direction: the direction handed to the chain (which scales it by
+      :math:`-\\eta`), flat: shape ``(P,)``, as the rows of the tangent
+      matrix.
     damping: :math:`\\lambda` of the step taken.
     next_damping: :math:`\\lambda` for the next step.
     rho: actual over predicted decrease (NaN without step control).
@@ -59,11 +60,11 @@ class Outcome(NamedTuple):
       rate.
     finite: whether the step is meaningful (the sketch was finite, or the
       step is an undo).
-    last_update: the parameter update this step makes, for the next one;
-      ``None`` when step control keeps none.
+    last_update: the parameter update this step makes, for the next one,
+      flat like ``direction``; ``None`` when step control keeps none.
   """
 
-  direction: list
+  direction: Array
   damping: Float[Array, ""]
   next_damping: Float[Array, ""]
   rho: Float[Array, ""]
@@ -72,7 +73,7 @@ class Outcome(NamedTuple):
   trial_loss: Float[Array, ""]
   predicted_decrease: Float[Array, ""]
   finite: Bool[Array, ""]
-  last_update: tuple | None
+  last_update: Array | None
 
 
 def is_spike(loss, previous_loss, ratio):
@@ -86,12 +87,17 @@ def is_spike(loss, previous_loss, ratio):
   return jnp.isfinite(previous_loss) & ~(loss <= bound)
 
 
+def _flat_last_update(state, dtype):
+  """The last update (leaves in the state) as one flat vector."""
+  return tangents_lib.flatten(list(state.last_update), dtype, batch_ndim=0)
+
+
 def controlled_step(
   settings,
   state,
   part,
   loss_fn,
-  tangent_leaves,
+  tangents,
   sketch,
   gradient,
   system,
@@ -100,7 +106,11 @@ def controlled_step(
   has_aux,
   data_axis_name,
 ):
-  """Step control: the ladder of trials, the choice, and the next-batch check."""
+  """Step control: the ladder of trials, the choice, and the next-batch check.
+
+  ``tangents`` is the ``(K, P)`` tangent matrix (see
+  :func:`sofo_jax._src.tangents.flatten`); directions come back flat.
+  """
   eta = learning_rate_lib.learning_rate_at(learning_rate, state.count)
   trials = step_control_lib.ladder(
     settings,
@@ -111,24 +121,26 @@ def controlled_step(
     eta,
     relative_damping,
   )
-  steps = jax.vmap(lambda w: tangents_lib.combine(w, tangent_leaves))(
-    trials.coefficients
-  )
-  offsets = [-jnp.asarray(eta, d.dtype) * d for d in steps]
+  dtype = tangents.dtype
+  steps = tangents_lib.combine_flat(trials.coefficients, tangents, part.trainable)
+  offsets = -jnp.asarray(eta, dtype) * steps
   checks_last = settings.revert_ratio is not None
   if checks_last:
     # One more trial point: the parameters before the last step.
-    offsets = [
-      jnp.concatenate([d, -u[None]]) for d, u in zip(offsets, state.last_update)
-    ]
-  losses = trial_losses(loss_fn, part, offsets, has_aux, data_axis_name)
+    offsets = jnp.concatenate([offsets, -_flat_last_update(state, dtype)[None]])
+  losses = trial_losses(
+    loss_fn,
+    part,
+    tangents_lib.unflatten(offsets, part.trainable),
+    has_aux,
+    data_axis_name,
+  )
   chosen = step_control_lib.choose(
     settings, trials, losses[: settings.num_trials], sketch.value, system.finite
   )
-  direction = tangents_lib.combine(chosen.coefficients, tangent_leaves)
-  predicted = solve_lib.model_decrease(
-    gradient, sketch.gauss_newton, chosen.coefficients
-  )
+  # The accepted trial's step, already computed; zero if every trial failed.
+  direction = jnp.where(chosen.rejected, jnp.zeros((), dtype), steps[chosen.trial])
+  predicted = chosen.predicted_decrease
   if not checks_last:
     return Outcome(
       direction,
@@ -147,23 +159,23 @@ def controlled_step(
   # The chain multiplies this transform's output by -eta: hand it the last
   # update over eta, and the parameters go back to where they were.
   inverse_eta = jnp.where(jnp.asarray(eta) > 0, 1.0 / jnp.asarray(eta), 0.0)
-  undo = [(u * inverse_eta.astype(u.dtype)).astype(u.dtype) for u in state.last_update]
-  direction = [jnp.where(reverted, r, d) for r, d in zip(undo, direction)]
-  taken = tuple(
-    jnp.where(reverted, jnp.zeros_like(u), -jnp.asarray(eta, d.dtype) * d).astype(
-      u.dtype
-    )
-    for u, d in zip(state.last_update, direction)
+  undo = tangents_lib.round_to_leaves(
+    _flat_last_update(state, dtype) * inverse_eta.astype(dtype), part.trainable
   )
-  dtype = chosen.next_damping.dtype
+  direction = jnp.where(reverted, undo, direction)
+  taken = jnp.where(
+    reverted, jnp.zeros((), dtype), -jnp.asarray(eta, dtype) * direction
+  )
+  taken = tangents_lib.round_to_leaves(taken, part.trainable)
+  k_dtype = chosen.next_damping.dtype
   raised = jnp.clip(
-    jnp.asarray(state.damping, dtype) * settings.trial_growth,
+    jnp.asarray(state.damping, k_dtype) * settings.trial_growth,
     settings.min_damping,
     settings.max_damping,
   )
   return Outcome(
     direction=direction,
-    damping=jnp.where(reverted, jnp.asarray(state.damping, dtype), chosen.damping),
+    damping=jnp.where(reverted, jnp.asarray(state.damping, k_dtype), chosen.damping),
     next_damping=jnp.where(reverted, raised, chosen.next_damping),
     rho=jnp.where(reverted, jnp.nan, chosen.rho),
     rejected=chosen.rejected & ~reverted,
@@ -175,21 +187,25 @@ def controlled_step(
   )
 
 
-def top_directions(system, tangent_leaves, count, previous):
+def top_directions(system, tangents, trainable, count, previous):
   """The ``count`` highest-curvature directions :math:`\\Theta u_i`, normalised.
 
-  A non-finite sketch keeps the previous ones.
+  Returned as leaves like ``previous``, which a non-finite sketch keeps.
   """
   if not count:
     return None
   top = system.eigenvectors[:, -count:].T  # (count, K), largest last
-  directions = jax.vmap(lambda w: tangents_lib.combine(w, tangent_leaves))(top)
-  directions = tangents_lib.normalize_stack(directions)
-  return tuple(jnp.where(system.finite, d, p) for d, p in zip(directions, previous))
+  directions = tangents_lib.normalize_rows(
+    tangents_lib.combine_flat(top, tangents, trainable)
+  )
+  return tuple(
+    jnp.where(system.finite, d, p)
+    for d, p in zip(tangents_lib.unflatten(directions, trainable), previous)
+  )
 
 
 def fixed_step(
-  damping, system, gradient, gauss_newton, tangent_leaves, relative_damping
+  damping, system, gradient, gauss_newton, tangents, trainable, relative_damping
 ):
   """The paper's step: one fixed damping, no trials."""
   # The closure's damping, not a stored one: an injected damping
@@ -199,7 +215,7 @@ def fixed_step(
   )
   nan = jnp.full((), jnp.nan, system.eigenvalues.dtype)
   return Outcome(
-    direction=tangents_lib.combine(coefficients, tangent_leaves),
+    direction=tangents_lib.combine_flat(coefficients, tangents, trainable),
     damping=jnp.asarray(damping, system.eigenvalues.dtype),
     next_damping=jnp.asarray(damping, system.eigenvalues.dtype),
     rho=nan,

@@ -17,6 +17,13 @@ With entry masks (see :mod:`sofo_jax._src.tree`) the Gaussian draws are
 zeroed on frozen entries *before* normalising or whitening, so both
 distributions are the same ones over the trainable entries alone (P is then
 their number) and every tangent is exactly zero on the frozen entries.
+
+Inside the optimizer the K tangents are one ``(K, P)`` matrix over all
+trainable leaves (:func:`sample_flat`, :func:`flatten`, :func:`unflatten`),
+cut into leaves only for the loss closure. Combining, normalising and
+checking them then compiles to a few XLA kernels instead of a few per leaf;
+on a CPU, compile time grows with the number of kernels
+(``benchmarks/compile_time.py``).
 """
 
 from __future__ import annotations
@@ -108,50 +115,116 @@ def _flat_mask(trainable: list, entry_masks) -> Any:
   )
 
 
-def _gaussian_leaves(
+def _offsets(trainable: list) -> list[int]:
+  """Where each leaf's block starts in the flat ``(..., P)`` layout, and P last."""
+  offsets = [0]
+  for leaf in trainable:
+    offsets.append(offsets[-1] + int(jnp.size(leaf)))
+  return offsets
+
+
+def _gaussian_flat(
   key, trainable: list, num_tangents: int, dtype, unit_norm: bool, entry_masks=None
-) -> list:
-  """Standard normal tangents of shape ``(K, *leaf.shape)``, one per leaf.
+) -> Float[Array, "k p"]:
+  """Standard normal tangents as one ``(K, P)`` matrix over all leaves.
 
   Tangent ``k`` is drawn from its own key as one vector over all leaves (one
-  RNG call to compile), zeroed outside the entry masks, optionally scaled to
-  unit norm, then cut into leaves. The CPU path maps over batches of
-  tangents, other platforms ``vmap`` over all of them; both give the same
-  numbers.
+  RNG call to compile), zeroed outside the entry masks and optionally scaled
+  to unit norm. The CPU path maps over batches of tangents, other platforms
+  ``vmap`` over all of them; both give the same numbers.
   """
-  sizes = [int(jnp.size(leaf)) for leaf in trainable]
-  offsets = [0]
-  for size in sizes:
-    offsets.append(offsets[-1] + size)
-
-  # Empty leaves stay out of the map (lax.map cannot batch empty outputs).
-  nonempty = [i for i, size in enumerate(sizes) if size]
+  size = _offsets(trainable)[-1]
+  if not size:  # nothing to draw (lax.map cannot batch empty outputs)
+    return jnp.zeros((num_tangents, 0), dtype)
   flat_mask = _flat_mask(trainable, entry_masks)
 
   def one_tangent(tangent_key):
-    flat = jax.random.normal(tangent_key, (offsets[-1],), dtype)
+    flat = jax.random.normal(tangent_key, (size,), dtype)
     if flat_mask is not None:
       flat = jnp.where(flat_mask, flat, jnp.zeros((), dtype))
     if unit_norm:
       flat = flat * _safe_rsqrt(jnp.sum(flat * flat))
-    return [
-      flat[offsets[i] : offsets[i + 1]].reshape(jnp.shape(trainable[i]))
-      for i in nonempty
-    ]
+    return flat
 
   keys = jax.random.split(key, num_tangents)
-  cpu_batch = max(1, min(num_tangents, _CPU_DRAW_BATCH // max(offsets[-1], 1)))
-  drawn = iter(
-    jax.lax.platform_dependent(
-      keys,
-      cpu=lambda k: jax.lax.map(one_tangent, k, batch_size=cpu_batch),
-      default=jax.vmap(one_tangent),
-    )
+  cpu_batch = max(1, min(num_tangents, _CPU_DRAW_BATCH // size))
+  return jax.lax.platform_dependent(
+    keys,
+    cpu=lambda k: jax.lax.map(one_tangent, k, batch_size=cpu_batch),
+    default=jax.vmap(one_tangent),
   )
+
+
+def unflatten(flat: Array, trainable: list, dtype=None) -> list:
+  """Cuts the last axis of ``flat`` (size P) into the trainable leaves' shapes.
+
+  ``(..., P)`` becomes leaves ``(..., *leaf.shape)``, in ``dtype`` or by
+  default in each leaf's own dtype.
+  """
+  offsets = _offsets(trainable)
+  batch = flat.shape[:-1]
   return [
-    next(drawn) if size else jnp.zeros((num_tangents, *jnp.shape(leaf)), dtype)
-    for size, leaf in zip(sizes, trainable)
+    flat[..., start:stop]
+    .reshape(batch + jnp.shape(leaf))
+    .astype(dtype or jnp.result_type(leaf))
+    for start, stop, leaf in zip(offsets[:-1], offsets[1:], trainable)
   ]
+
+
+def flatten(leaves: list, dtype, batch_ndim: int = 1) -> Array:
+  """The inverse of :func:`unflatten`: leaves ``(..., *shape)`` as ``(..., P)``."""
+  return jnp.concatenate(
+    [leaf.reshape((*leaf.shape[:batch_ndim], -1)).astype(dtype) for leaf in leaves],
+    axis=-1,
+  )
+
+
+def round_to_leaves(flat: Array, trainable: list) -> Array:
+  """Rounds each leaf's block of ``flat`` (last axis) to that leaf's dtype.
+
+  A no-op when every leaf has ``flat``'s dtype.
+  """
+  if all(jnp.result_type(leaf) == flat.dtype for leaf in trainable):
+    return flat
+  return flatten(unflatten(flat, trainable), flat.dtype, flat.ndim - 1)
+
+
+def flat_dtype(trainable: list) -> jnp.dtype:
+  """The dtype tangents are drawn in: the leaves' dtypes promoted, at least float32."""
+  return functools.reduce(
+    jnp.promote_types,
+    [_compute_dtype(jnp.result_type(leaf)) for leaf in trainable],
+  )
+
+
+def sample_flat(
+  key: jax.Array,
+  trainable: list,
+  num_tangents: int,
+  distribution: str = "normalized_gaussian",
+  entry_masks=None,
+) -> Float[Array, "k p"]:
+  """:func:`sample_leaves` as one ``(K, P)`` matrix in :func:`flat_dtype`.
+
+  Each leaf's block holds values of that leaf's dtype, so
+  ``unflatten(sample_flat(...), trainable)`` is exactly ``sample_leaves(...)``.
+  """
+  dtype = flat_dtype(trainable)
+  if distribution == "normalized_gaussian":
+    flat = _gaussian_flat(key, trainable, num_tangents, dtype, True, entry_masks)
+    return round_to_leaves(flat, trainable)
+  # Whitening mixes tangents only, so the zeros of the masked draws stay. The
+  # Gram matrix is accumulated leaf by leaf.
+  draws = unflatten(
+    _gaussian_flat(key, trainable, num_tangents, dtype, False, entry_masks),
+    trainable,
+    dtype,
+  )
+  whitening = _inverse_sqrt_psd(_gram(draws))
+  mixed = [jnp.tensordot(whitening, d, axes=1) for d in draws]
+  return flatten(
+    [m.astype(jnp.result_type(leaf)) for m, leaf in zip(mixed, trainable)], dtype
+  )
 
 
 def sample_leaves(
@@ -175,18 +248,8 @@ def sample_leaves(
     A list of arrays, leaf ``i`` of shape ``(K, *trainable[i].shape)`` and
     dtype ``trainable[i].dtype``, exactly zero outside ``entry_masks[i]``.
   """
-  dtype = functools.reduce(
-    jnp.promote_types,
-    [_compute_dtype(jnp.result_type(leaf)) for leaf in trainable],
-  )
-  if distribution == "normalized_gaussian":
-    mixed = _gaussian_leaves(key, trainable, num_tangents, dtype, True, entry_masks)
-  else:
-    # Whitening mixes tangents only, so the zeros of the masked draws stay.
-    draws = _gaussian_leaves(key, trainable, num_tangents, dtype, False, entry_masks)
-    whitening = _inverse_sqrt_psd(_gram(draws))
-    mixed = [jnp.tensordot(whitening, d, axes=1) for d in draws]
-  return [m.astype(jnp.result_type(leaf)) for m, leaf in zip(mixed, trainable)]
+  flat = sample_flat(key, trainable, num_tangents, distribution, entry_masks)
+  return unflatten(flat, trainable)
 
 
 def sample_tangents(
@@ -240,29 +303,25 @@ def zero_if_nonfinite(leaves: list, usable=True) -> tuple[list, Bool[Array, ""]]
   return [jnp.where(finite, leaf, jnp.zeros((), leaf.dtype)) for leaf in leaves], finite
 
 
-def normalize_stack(leaves: list) -> list:
-  """Scales each of the stacked vectors (leading axis) to unit norm over all leaves.
+def normalize_rows(flat: Float[Array, "k p"]) -> Float[Array, "k p"]:
+  """Scales each row of a ``(K, P)`` matrix to unit norm.
 
-  A zero vector stays zero, so it contributes nothing to a sketch.
+  A zero row stays zero, so it contributes nothing to a sketch.
   """
-  squared = functools.reduce(
-    jnp.add,
-    [
-      jnp.sum(
-        jnp.square(leaf.astype(_compute_dtype(leaf.dtype))).reshape(leaf.shape[0], -1),
-        axis=1,
-      )
-      for leaf in leaves
-    ],
-  )
-  scale = _safe_rsqrt(squared)
-  return [
-    (
-      leaf.astype(_compute_dtype(leaf.dtype))
-      * scale.reshape((-1,) + (1,) * (leaf.ndim - 1))
-    ).astype(leaf.dtype)
-    for leaf in leaves
-  ]
+  squared = jnp.sum(jnp.square(flat), axis=1, keepdims=True)
+  return flat * _safe_rsqrt(squared)
+
+
+def combine_flat(
+  coefficients: Array, tangents: Float[Array, "k p"], trainable: list
+) -> Array:
+  """:math:`\\Theta w` with the ``(K, P)`` tangent matrix, flat.
+
+  ``coefficients`` of shape ``(K,)`` or ``(M, K)``; the result, ``(P,)`` or
+  ``(M, P)``, is rounded to each leaf's dtype (as a leaf update would be).
+  """
+  product = jnp.tensordot(coefficients.astype(tangents.dtype), tangents, axes=1)
+  return round_to_leaves(product, trainable)
 
 
 def combine(coefficients: Float[Array, " k"], tangent_leaves: list) -> list:

@@ -12,9 +12,9 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int
 from sofo_jax._src import eager as eager_lib
 from sofo_jax._src import keys as keys_lib
 from sofo_jax._src import learning_rate as learning_rate_lib
+from sofo_jax._src import multisteps, spmd, validation
 from sofo_jax._src import sketch as sketch_lib
 from sofo_jax._src import solve as solve_lib
-from sofo_jax._src import spmd, validation
 from sofo_jax._src import step_control as step_control_lib
 from sofo_jax._src import steps as steps_lib
 from sofo_jax._src import tangents as tangents_lib
@@ -87,7 +87,8 @@ class ScaleBySofoState(NamedTuple):
       ``None``.
   """
 
-  count: Int[Array, ""]
+  # The field shadows tuple.count, as in optax's states; mypy flags that.
+  count: Int[Array, ""]  # type: ignore[assignment]
   key: jax.Array
   damping: Float[Array, ""]
   last_update: tuple | None
@@ -186,6 +187,15 @@ def scale_by_sofo(
   the output of a clipping placed before it, raise an error rather than
   being silently ignored. Unknown extra arguments (passed through
   ``optax.chain``) are ignored.
+
+  Large batches: the sketch is additive over micro-batches that share
+  tangents, so a closure that sums the losses of M micro-batches in a
+  ``lax.scan`` (starting from ``sofo_jax.losses.zero()``, then dividing by M)
+  takes exactly the full-batch step while holding one micro-batch's
+  activations at a time; this is the way to take a large effective batch
+  (``docs/large_batches.md``). ``optax.MultiSteps`` cannot accumulate a SOFO
+  step (it would hand over only the last micro-batch's closure) and raises a
+  ``TypeError`` saying so.
 
   Read the state through :func:`sofo_jax.get_state` and
   :func:`sofo_jax.get_diagnostics`, which find it inside chains and
@@ -337,6 +347,7 @@ def scale_by_sofo(
     return tuple(jnp.zeros((num_recycled, *p.shape), p.dtype) for p in part.trainable)
 
   def init_fn(params):
+    multisteps.check_not_in_multisteps(owner)
     validation.check_params(params, owner, mask)
     aux = validation.zeros_like_example(aux_example)
     return ScaleBySofoState(
@@ -350,25 +361,29 @@ def scale_by_sofo(
     )
 
   def update_fn(updates, state, params=None, *, loss_fn=None, **extra_args):
+    multisteps.check_not_in_multisteps(owner)
     validation.check_loss_fn(loss_fn, owner, extra_args)
     # SOFO computes its own direction from loss_fn; nonzero updates are an error.
     count = validation.checked_count(updates, state.count, owner)
     part = validation.check_params(params, owner, mask)
     validation.warn_if_aux_changes_structure(has_aux, state.aux, owner)
     next_key, step_key = codec.split(state.key)
-    tangent_leaves = tangents_lib.sample_leaves(
-      step_key, part.trainable, num_fresh, tangent_distribution, part.entry_masks
-    )
-    kept = []
+    # The K tangents as one (K, P) matrix, cut into leaves only for the
+    # closure: the vector work on them then compiles to a few kernels instead
+    # of a few per leaf.
+    rows = [
+      tangents_lib.sample_flat(
+        step_key, part.trainable, num_fresh, tangent_distribution, part.entry_masks
+      )
+    ]
+    flat_dtype = rows[0].dtype
     if momentum:
-      kept.append(tangents_lib.normalize_stack([u[None] for u in state.last_update]))
+      last = tangents_lib.flatten(list(state.last_update), flat_dtype, batch_ndim=0)
+      rows.append(tangents_lib.normalize_rows(last[None]))
     if num_recycled:
-      kept.append(list(state.recycled))
-    if kept:
-      tangent_leaves = [
-        jnp.concatenate([fresh] + [k[i] for k in kept])
-        for i, fresh in enumerate(tangent_leaves)
-      ]
+      rows.append(tangents_lib.flatten(list(state.recycled), flat_dtype))
+    tangents = tangents_lib.round_to_leaves(jnp.concatenate(rows), part.trainable)
+    tangent_leaves = tangents_lib.unflatten(tangents, part.trainable)
     sketch, aux = sketch_lib.sketch_leaves(
       loss_fn,
       part,
@@ -387,7 +402,7 @@ def scale_by_sofo(
         state,
         part,
         loss_fn,
-        tangent_leaves,
+        tangents,
         sketch,
         gradient,
         system,
@@ -398,25 +413,38 @@ def scale_by_sofo(
       )
     else:
       outcome = steps_lib.fixed_step(
-        damping, system, gradient, sketch.gauss_newton, tangent_leaves, relative_damping
+        damping,
+        system,
+        gradient,
+        sketch.gauss_newton,
+        tangents,
+        part.trainable,
+        relative_damping,
       )
     eta = learning_rate_lib.learning_rate_at(learning_rate, state.count)
     # An unusable learning rate (traced, so not refused at construction)
     # skips the step: the chain then scales a zero direction by zero.
-    direction, direction_is_finite = tangents_lib.zero_if_nonfinite(
-      outcome.direction, learning_rate_lib.is_usable(eta)
+    (direction,), direction_is_finite = tangents_lib.zero_if_nonfinite(
+      [outcome.direction], learning_rate_lib.is_usable(eta)
     )
     absolute = solve_lib.absolute_damping(outcome.damping, system, relative_damping)
     step_is_finite = outcome.finite & direction_is_finite
     rejected = outcome.rejected & step_is_finite
     last_update = outcome.last_update
     if keeps_last_update and last_update is None:
-      last_update = tuple(-jnp.asarray(eta, d.dtype) * d for d in direction)
+      last_update = tangents_lib.round_to_leaves(
+        -jnp.asarray(eta, flat_dtype) * direction, part.trainable
+      )
     if last_update is not None:
       last_update = tuple(
-        jnp.where(step_is_finite, u, jnp.zeros_like(u)) for u in last_update
+        tangents_lib.unflatten(
+          jnp.where(step_is_finite, last_update, jnp.zeros((), flat_dtype)),
+          part.trainable,
+        )
       )
-    new_updates = part.fill(direction, tree_lib.zero_update)
+    new_updates = part.fill(
+      tangents_lib.unflatten(direction, part.trainable), tree_lib.zero_update
+    )
     dtype = _float_dtype()
     diagnostics = SofoDiagnostics(
       loss=sketch.value.astype(dtype),
@@ -439,12 +467,13 @@ def scale_by_sofo(
       trial_loss=jnp.asarray(outcome.trial_loss).astype(dtype),
     )
     new_state = ScaleBySofoState(
-      count=optax.safe_increment(count),
+      # optax annotates safe_increment's result as any chex.Numeric.
+      count=optax.safe_increment(count),  # type: ignore[arg-type]
       key=next_key,
       damping=jnp.asarray(outcome.next_damping, dtype),
       last_update=last_update,
       recycled=steps_lib.top_directions(
-        system, tangent_leaves, num_recycled, state.recycled
+        system, tangents, part.trainable, num_recycled, state.recycled
       ),
       diagnostics=diagnostics,
       aux=aux,

@@ -31,11 +31,18 @@ def _is_none(x) -> bool:
 class Partition(NamedTuple):
   """The trainable leaves of a pytree and how to put them back.
 
+  Splitting and rebuilding are ``eqx.partition`` and ``eqx.combine``. What
+  this adds is the flat list of trainable leaves (the tangent sampler and the
+  batched ``jax.jvp`` work on it), the per-leaf flags and the entry masks.
+
   Attributes:
     trainable: the trainable leaves, in flattening order.
     trainable_flags: one bool per leaf of the full pytree.
-    leaves: all leaves of the full pytree.
-    treedef: its structure.
+    frozen: the full pytree with its trainable leaves replaced by ``None``
+      (the second half of ``eqx.partition``).
+    trainable_treedef: the structure of the first half (``None`` where a leaf
+      is not trained), into which ``trainable`` unflattens.
+    treedef: the structure of the full pytree.
     entry_masks: one per trainable leaf: ``None`` when every entry is
       trainable, else a boolean array of the leaf's shape (``True`` =
       trainable entry; a NumPy array when the mask is concrete).
@@ -43,27 +50,20 @@ class Partition(NamedTuple):
 
   trainable: list
   trainable_flags: tuple
-  leaves: list
+  frozen: Any
+  trainable_treedef: Any
   treedef: Any
   entry_masks: tuple
 
   def rebuild(self, trainable_leaves) -> Any:
     """The full pytree with its trainable leaves replaced."""
-    replacements = iter(trainable_leaves)
-    leaves = [
-      next(replacements) if flag else leaf
-      for flag, leaf in zip(self.trainable_flags, self.leaves)
-    ]
-    return jax.tree.unflatten(self.treedef, leaves)
+    trained = jax.tree.unflatten(self.trainable_treedef, list(trainable_leaves))
+    return eqx.combine(trained, self.frozen)
 
   def fill(self, trainable_values, other: Callable[[Any], Any]) -> Any:
     """A pytree like the full one: given values on trainable leaves, ``other(leaf)`` elsewhere."""
-    values = iter(trainable_values)
-    leaves = [
-      next(values) if flag else other(leaf)
-      for flag, leaf in zip(self.trainable_flags, self.leaves)
-    ]
-    return jax.tree.unflatten(self.treedef, leaves)
+    trained = jax.tree.unflatten(self.trainable_treedef, list(trainable_values))
+    return eqx.combine(trained, jax.tree.map(other, self.frozen))
 
 
 def _reject_masked_nodes(params: Any) -> None:
@@ -138,6 +138,9 @@ def resolve_mask(mask, params) -> Any | None:
   Each leaf of the result is a Python bool, or a boolean array of its
   parameter leaf's shape (an entry mask).
   """
+  # Not eqx.partition's filter_spec: that takes bools and callables only
+  # (an array leaf is a ValueError), so it has no entry masks, and its
+  # structure errors do not say what a mask should look like.
   if mask is None:
     return None
   mask_tree = mask(params) if callable(mask) else mask
@@ -199,9 +202,12 @@ def partition(params: Any, mask: Any = None) -> Partition:
     ]
     flags = [flag for flag, _ in resolved]
     masks = [m for _, m in resolved]
-  trainable = [leaf for flag, leaf in zip(flags, leaves) if flag]
+  trained, frozen = eqx.partition(params, jax.tree.unflatten(treedef, flags))
+  trainable, trainable_treedef = jax.tree.flatten(trained)
   entry_masks = tuple(m for flag, m in zip(flags, masks) if flag)
-  return Partition(trainable, tuple(flags), leaves, treedef, entry_masks)
+  return Partition(
+    trainable, tuple(flags), frozen, trainable_treedef, treedef, entry_masks
+  )
 
 
 def num_trainable(part: Partition) -> int | jax.Array:

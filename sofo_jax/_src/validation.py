@@ -10,6 +10,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import ArrayLike
 
 from sofo_jax._src import tree as tree_lib
 
@@ -89,7 +90,7 @@ def _ignored_updates_message(owner: str) -> str:
   )
 
 
-def checked_count(updates: Any, count: jax.Array, owner: str) -> jax.Array:
+def checked_count(updates: Any, count: ArrayLike, owner: str) -> ArrayLike:
   """Makes updates that SOFO would silently ignore an error.
 
   ``None`` and zero trees (the ``optax.apply_if_finite`` pattern) pass. A

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -15,12 +15,14 @@ Params = Any
 Batch = Any
 
 
-class TaskConfig(Protocol):
-  """Fields every task ``Config`` carries, so one harness can drive them all.
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+  """The settings every task ``Config`` carries, so one harness can drive them all.
 
-  Each task module defines its own frozen ``Config`` dataclass with the
-  paper's defaults and a ``quick()`` constructor for tiny CI-sized problems.
-  Besides the task-specific fields, every config has:
+  Each task module's ``Config`` is a frozen dataclass that extends this one
+  with the task's own fields, overrides the defaults below where the paper's
+  settings for that task differ, and has a ``quick()`` constructor for tiny
+  CI-sized problems.
 
   Attributes:
     batch_size: number of independent trials in one batch.
@@ -31,11 +33,11 @@ class TaskConfig(Protocol):
     adam_learning_rate: learning rate of the Adam (backpropagation) baseline.
   """
 
-  batch_size: int
-  num_tangents: int
-  learning_rate: float
-  damping: float
-  adam_learning_rate: float
+  batch_size: int = 256
+  num_tangents: int = 128
+  learning_rate: float = 1.0
+  damping: float = 1e-5
+  adam_learning_rate: float = 1e-3
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

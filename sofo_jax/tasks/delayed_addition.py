@@ -60,7 +60,7 @@ TARGET_VARIANCE = 1.0 / 6.0
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(_base.TaskConfig):
   """Settings of the delayed addition task (defaults: the paper's).
 
   Attributes:
@@ -71,7 +71,8 @@ class Config:
     tolerance: absolute error counted as a correct answer in ``accuracy``.
     gain: recurrent weight scale at initialisation.
     batch_size, num_tangents, learning_rate, damping, adam_learning_rate: see
-      :class:`sofo_jax.tasks.TaskConfig`.
+      :class:`sofo_jax.tasks.TaskConfig`, whose defaults hold unless set
+      below.
   """
 
   num_hidden: int = 128
@@ -80,11 +81,7 @@ class Config:
   first_window: int = 10
   tolerance: float = 0.04
   gain: float = 0.9
-  batch_size: int = 256
-  num_tangents: int = 128
   learning_rate: float = 0.1
-  damping: float = 1e-5
-  adam_learning_rate: float = 1e-3
 
   @classmethod
   def quick(cls) -> Config:

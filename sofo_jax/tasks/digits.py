@@ -55,7 +55,7 @@ NUM_CLASSES = 10
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(_base.TaskConfig):
   """Settings of the digits task.
 
   Attributes:
@@ -64,8 +64,9 @@ class Config:
     test_fraction: fraction of the images held out for testing.
     split_seed: seed of the fixed train/test permutation.
     batch_size, num_tangents, learning_rate, damping, adam_learning_rate: see
-      :class:`sofo_jax.tasks.TaskConfig` (see the module docstring for how
-      the defaults relate to the paper's MNIST settings).
+      :class:`sofo_jax.tasks.TaskConfig`, whose defaults hold unless set
+      below (see the module docstring for how they relate to the paper's
+      MNIST settings).
   """
 
   width: int = 100
@@ -73,10 +74,8 @@ class Config:
   test_fraction: float = 0.2
   split_seed: int = 0
   batch_size: int = 512
-  num_tangents: int = 128
   learning_rate: float = 0.5
   damping: float = 1e-2
-  adam_learning_rate: float = 1e-3
 
   @classmethod
   def quick(cls) -> Config:

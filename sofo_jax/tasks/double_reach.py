@@ -112,7 +112,7 @@ _TARGET_UNIT = 0.1  # metres per unit of target input
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(_base.TaskConfig):
   """Settings of the double-reach task (defaults: the paper's where given).
 
   Attributes:
@@ -131,8 +131,9 @@ class Config:
       the untrained arm does not fling itself around).
     arm: physical constants of the arm.
     batch_size, num_tangents, learning_rate, damping, adam_learning_rate: see
-      :class:`sofo_jax.tasks.TaskConfig`; the paper gives batch 256 and
-      K = 256, the learning rate and damping are sofo_jax's choices.
+      :class:`sofo_jax.tasks.TaskConfig`, whose defaults hold unless set
+      below; the paper gives batch 256 and K = 256, the learning rate and
+      damping are sofo_jax's choices.
   """
 
   num_hidden: int = 64
@@ -147,11 +148,9 @@ class Config:
   hold_weight: float = 4.0
   readout_scale: float = 0.1
   arm: ArmParameters = ArmParameters()
-  batch_size: int = 256
   num_tangents: int = 256
   learning_rate: float = 0.5
   damping: float = 1e-4
-  adam_learning_rate: float = 1e-3
 
   @classmethod
   def quick(cls) -> Config:

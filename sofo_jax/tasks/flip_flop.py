@@ -61,7 +61,7 @@ NAME = "flip_flop"
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(_base.TaskConfig):
   """Settings of the flip-flop task (defaults: the paper's).
 
   Attributes:
@@ -73,7 +73,8 @@ class Config:
     pulse_duration: length of a pulse in steps.
     gain: recurrent weight scale at initialisation.
     batch_size, num_tangents, learning_rate, damping, adam_learning_rate: see
-      :class:`sofo_jax.tasks.TaskConfig`.
+      :class:`sofo_jax.tasks.TaskConfig`, whose defaults hold unless set
+      below.
   """
 
   num_bits: int = 3
@@ -84,10 +85,6 @@ class Config:
   pulse_duration: int = 1
   gain: float = 0.9
   batch_size: int = 32
-  num_tangents: int = 128
-  learning_rate: float = 1.0
-  damping: float = 1e-5
-  adam_learning_rate: float = 1e-3
 
   @classmethod
   def quick(cls) -> Config:

@@ -74,7 +74,7 @@ NAME = "kalman"
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(_base.TaskConfig):
   """Settings of the adaptive Kalman filtering task (defaults: the paper's).
 
   Attributes:
@@ -90,7 +90,8 @@ class Config:
       have passed (so segments last ``min_interval + Geometric(p) - 1``).
     gain: recurrent weight scale at initialisation.
     batch_size, num_tangents, learning_rate, damping, adam_learning_rate: see
-      :class:`sofo_jax.tasks.TaskConfig`.
+      :class:`sofo_jax.tasks.TaskConfig`, whose defaults hold unless set
+      below.
   """
 
   num_hidden: int = 100
@@ -103,11 +104,8 @@ class Config:
   min_interval: int = 100
   switch_prob: float = 0.01
   gain: float = 0.9
-  batch_size: int = 256
-  num_tangents: int = 128
   learning_rate: float = 0.1
   damping: float = 1e-3
-  adam_learning_rate: float = 1e-3
 
   @classmethod
   def quick(cls) -> Config:

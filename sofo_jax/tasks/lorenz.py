@@ -70,7 +70,7 @@ ATTRACTOR_STD = np.array([7.92, 9.01, 8.62])
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(_base.TaskConfig):
   """Settings of the Lorenz task (defaults: the paper's).
 
   Attributes:
@@ -82,7 +82,8 @@ class Config:
     leak: leak of the network (``1`` is a non-leaky discrete-time RNN).
     gain: recurrent weight scale at initialisation.
     batch_size, num_tangents, learning_rate, damping, adam_learning_rate: see
-      :class:`sofo_jax.tasks.TaskConfig`.
+      :class:`sofo_jax.tasks.TaskConfig`, whose defaults hold unless set
+      below.
   """
 
   num_hidden: int = 400
@@ -91,11 +92,6 @@ class Config:
   burn_in: int = 1000
   leak: float = 0.1
   gain: float = 0.9
-  batch_size: int = 256
-  num_tangents: int = 128
-  learning_rate: float = 1.0
-  damping: float = 1e-5
-  adam_learning_rate: float = 1e-3
 
   @classmethod
   def quick(cls) -> Config:

@@ -101,7 +101,7 @@ NAME = "neurogym"
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(_base.TaskConfig):
   """Settings of a neurogym task.
 
   The step, sequence length, width and Adam's learning rate are those of
@@ -123,7 +123,8 @@ class Config:
     num_batches: number of batches in the pre-generated pool.
     seed: seed of neurogym's generator for the pool.
     batch_size, num_tangents, learning_rate, damping, adam_learning_rate: see
-      :class:`sofo_jax.tasks.TaskConfig`.
+      :class:`sofo_jax.tasks.TaskConfig`, whose defaults hold unless set
+      below.
   """
 
   env: str = "PerceptualDecisionMaking-v0"
@@ -137,8 +138,6 @@ class Config:
   seed: int = 0
   batch_size: int = 32
   num_tangents: int = 64
-  learning_rate: float = 1.0
-  damping: float = 1e-5
   adam_learning_rate: float = 1e-2
 
   @classmethod

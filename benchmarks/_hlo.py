@@ -1,6 +1,7 @@
 """What a compiled program communicates: collectives read from its HLO text.
 
-A diagnostic for the distributed tests and benchmarks (not exported): it lists
+A diagnostic for the distributed benchmark and tests (not part of sofo_jax;
+``tests/distributed_checks.py`` imports it from here): it lists
 every all-reduce, all-gather, reduce-scatter, all-to-all and
 collective-permute in ``jax.jit(f).lower(...).compile().as_text()``, with the
 number of elements in its result and how many times it runs per call
