@@ -5,8 +5,17 @@ plainly written loss formulas, meant for float64 and tiny problems.
 """
 
 import jax
+import jax.experimental
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
+
+# A context manager that enables float64 inside it. jax.enable_x64 is new in
+# JAX 0.8; the oldest supported JAX (CI's run against .ci/oldest-deps.txt) has
+# only the experimental spelling.
+if hasattr(jax, "enable_x64"):
+  enable_x64 = jax.enable_x64
+else:
+  enable_x64 = jax.experimental.enable_x64
 
 
 def dense_gauss_newton(params, outputs_fn, loss_of_outputs):

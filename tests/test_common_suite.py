@@ -129,7 +129,7 @@ def test_state_shape_dtype_stability(dtype):
   new state must reuse the compiled program, and an argument the optimizer
   does not know is ignored.
   """
-  with jax.enable_x64(dtype == "float64"):
+  with reference.enable_x64(dtype == "float64"):
     dtype = jnp.dtype(dtype)
     initial, _, loss_fn, _ = _parabola(dtype)
     opt = sofo_jax.sofo(1.0, 3, key=jax.random.key(0))

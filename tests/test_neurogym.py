@@ -8,12 +8,12 @@ import dataclasses
 import functools
 import importlib
 import importlib.util
-import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
+from commands import run_ok
 
 from sofo_jax import training
 
@@ -138,7 +138,5 @@ def test_importing_sofo_jax_does_not_import_neurogym():
     "import sys, sofo_jax, sofo_jax.tasks, sofo_jax.training; "
     "print(sorted({'neurogym', 'gymnasium'} & set(sys.modules)))"
   )
-  result = subprocess.run(
-    [sys.executable, "-c", code], capture_output=True, text=True, check=True
-  )
+  result = run_ok([sys.executable, "-c", code], timeout=300)
   assert result.stdout.strip() == "[]"

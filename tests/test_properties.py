@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import reference
 
 import sofo_jax
 from sofo_jax import losses
@@ -292,7 +293,7 @@ def _with_edge_cases(test):
 def test_one_step_is_finite_and_keeps_structure(
   spec, name, num_tangents, damping, relative, distribution, mask_flags
 ):
-  with jax.enable_x64(uses_x64(spec)):
+  with reference.enable_x64(uses_x64(spec)):
     params = build(spec)
     mask = None if mask_flags is None else random_mask(params, mask_flags)
     opt = make_optimizer(name, num_tangents, damping, relative, distribution, mask)

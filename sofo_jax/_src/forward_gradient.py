@@ -145,9 +145,10 @@ def scale_by_forward_gradient(
     count = validation.checked_count(updates, state.count, owner)
     part = validation.check_params(params, owner, mask)
     next_key, step_key = codec.split(state.key)
-    tangent_leaves = tangents_lib.sample_leaves(
+    tangents = tangents_lib.sample_flat(
       step_key, part.trainable, num_tangents, "normalized_gaussian", part.entry_masks
     )
+    tangent_leaves = tangents_lib.unflatten(tangents, part.trainable)
 
     validation.warn_if_aux_changes_structure(has_aux, state.aux, owner)
 
@@ -166,7 +167,10 @@ def scale_by_forward_gradient(
     coefficients = jnp.where(finite, scale * derivatives, 0.0)
     eta = learning_rate_lib.learning_rate_at(learning_rate, state.count)
     direction, direction_is_finite = tangents_lib.zero_if_nonfinite(
-      tangents_lib.combine(coefficients, tangent_leaves),
+      tangents_lib.unflatten(
+        tangents_lib.combine_flat(coefficients, tangents, part.trainable),
+        part.trainable,
+      ),
       learning_rate_lib.is_usable(eta),
     )
     finite = finite & direction_is_finite

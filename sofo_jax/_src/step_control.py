@@ -146,8 +146,6 @@ class ControlledStep(NamedTuple):
     trial_loss: the loss after the accepted step (the loss before it if
       rejected).
     trial: index of the accepted trial (the most damped one if rejected).
-    predicted_decrease: the quadratic model's decrease of the accepted step
-      for a unit learning rate (zero if rejected).
   """
 
   coefficients: Float[Array, " k"]
@@ -157,7 +155,6 @@ class ControlledStep(NamedTuple):
   rejected: Bool[Array, ""]
   trial_loss: Float[Array, ""]
   trial: Int[Array, ""]
-  predicted_decrease: Float[Array, ""]
 
 
 class Ladder(NamedTuple):
@@ -168,14 +165,11 @@ class Ladder(NamedTuple):
     coefficients: :math:`w_j`, shape ``(M, K)``.
     predicted: the quadratic model's decrease for each step
       :math:`-\\eta\\Theta w_j`, shape ``(M,)``.
-    unit_predicted: the same for a unit learning rate (for the
-      diagnostics), shape ``(M,)``.
   """
 
   dampings: Float[Array, " m"]
   coefficients: Float[Array, "m k"]
   predicted: Float[Array, " m"]
-  unit_predicted: Float[Array, " m"]
 
 
 def ladder(
@@ -213,12 +207,10 @@ def ladder(
     predicted = solve_lib.model_decrease(
       gradient, gauss_newton, coefficients, learning_rate
     )
-    # The same products at a unit learning rate: XLA computes them once.
-    unit = solve_lib.model_decrease(gradient, gauss_newton, coefficients)
-    return coefficients, predicted, unit
+    return coefficients, predicted
 
-  coefficients, predicted, unit = jax.vmap(solve_one)(dampings)
-  return Ladder(dampings, coefficients, predicted, unit)
+  coefficients, predicted = jax.vmap(solve_one)(dampings)
+  return Ladder(dampings, coefficients, predicted)
 
 
 def choose(
@@ -276,5 +268,4 @@ def choose(
     rejected=rejected,
     trial_loss=jnp.where(rejected, loss, losses[chosen]),
     trial=chosen,
-    predicted_decrease=jnp.where(rejected, 0.0, trials.unit_predicted[chosen]),
   )

@@ -124,10 +124,12 @@ def controlled_step(
   dtype = tangents.dtype
   steps = tangents_lib.combine_flat(trials.coefficients, tangents, part.trainable)
   offsets = -jnp.asarray(eta, dtype) * steps
-  checks_last = settings.revert_ratio is not None
-  if checks_last:
+  last_update = (
+    _flat_last_update(state, dtype) if settings.revert_ratio is not None else None
+  )
+  if last_update is not None:
     # One more trial point: the parameters before the last step.
-    offsets = jnp.concatenate([offsets, -_flat_last_update(state, dtype)[None]])
+    offsets = jnp.concatenate([offsets, -last_update[None]])
   losses = trial_losses(
     loss_fn,
     part,
@@ -140,8 +142,10 @@ def controlled_step(
   )
   # The accepted trial's step, already computed; zero if every trial failed.
   direction = jnp.where(chosen.rejected, jnp.zeros((), dtype), steps[chosen.trial])
-  predicted = chosen.predicted_decrease
-  if not checks_last:
+  predicted = solve_lib.model_decrease(
+    gradient, sketch.gauss_newton, chosen.coefficients
+  )
+  if last_update is None:
     return Outcome(
       direction,
       chosen.damping,
@@ -160,7 +164,7 @@ def controlled_step(
   # update over eta, and the parameters go back to where they were.
   inverse_eta = jnp.where(jnp.asarray(eta) > 0, 1.0 / jnp.asarray(eta), 0.0)
   undo = tangents_lib.round_to_leaves(
-    _flat_last_update(state, dtype) * inverse_eta.astype(dtype), part.trainable
+    last_update * inverse_eta.astype(dtype), part.trainable
   )
   direction = jnp.where(reverted, undo, direction)
   taken = jnp.where(

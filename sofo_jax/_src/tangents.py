@@ -67,16 +67,6 @@ def _compute_dtype(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _gram(leaves: list) -> Float[Array, "k k"]:
-  """:math:`\\Theta^\\top\\Theta` accumulated leaf by leaf (no flattening)."""
-
-  def leaf_gram(leaf):
-    flat = leaf.reshape(leaf.shape[0], -1).astype(_compute_dtype(leaf.dtype))
-    return flat @ flat.T
-
-  return functools.reduce(jnp.add, [leaf_gram(leaf) for leaf in leaves])
-
-
 def _inverse_sqrt_psd(matrix: Float[Array, "k k"]) -> Float[Array, "k k"]:
   """Pseudo-inverse square root of a symmetric PSD matrix."""
   eigenvalues, eigenvectors = jnp.linalg.eigh(matrix)
@@ -204,37 +194,7 @@ def sample_flat(
   distribution: str = "normalized_gaussian",
   entry_masks=None,
 ) -> Float[Array, "k p"]:
-  """:func:`sample_leaves` as one ``(K, P)`` matrix in :func:`flat_dtype`.
-
-  Each leaf's block holds values of that leaf's dtype, so
-  ``unflatten(sample_flat(...), trainable)`` is exactly ``sample_leaves(...)``.
-  """
-  dtype = flat_dtype(trainable)
-  if distribution == "normalized_gaussian":
-    flat = _gaussian_flat(key, trainable, num_tangents, dtype, True, entry_masks)
-    return round_to_leaves(flat, trainable)
-  # Whitening mixes tangents only, so the zeros of the masked draws stay. The
-  # Gram matrix is accumulated leaf by leaf.
-  draws = unflatten(
-    _gaussian_flat(key, trainable, num_tangents, dtype, False, entry_masks),
-    trainable,
-    dtype,
-  )
-  whitening = _inverse_sqrt_psd(_gram(draws))
-  mixed = [jnp.tensordot(whitening, d, axes=1) for d in draws]
-  return flatten(
-    [m.astype(jnp.result_type(leaf)) for m, leaf in zip(mixed, trainable)], dtype
-  )
-
-
-def sample_leaves(
-  key: jax.Array,
-  trainable: list,
-  num_tangents: int,
-  distribution: str = "normalized_gaussian",
-  entry_masks=None,
-) -> list:
-  """Draws K tangents for a list of trainable leaves.
+  """Draws K tangents for a list of trainable leaves, as one ``(K, P)`` matrix.
 
   Args:
     key: a PRNG key.
@@ -245,11 +205,19 @@ def sample_leaves(
       trainable) or a boolean array of the leaf's shape (``Partition.entry_masks``).
 
   Returns:
-    A list of arrays, leaf ``i`` of shape ``(K, *trainable[i].shape)`` and
-    dtype ``trainable[i].dtype``, exactly zero outside ``entry_masks[i]``.
+    A ``(K, P)`` array in :func:`flat_dtype`, exactly zero outside the entry
+    masks. Each leaf's block holds values of that leaf's dtype, so
+    ``unflatten(sample_flat(...), trainable)`` gives leaf ``i`` of shape
+    ``(K, *trainable[i].shape)`` and dtype ``trainable[i].dtype`` exactly.
   """
-  flat = sample_flat(key, trainable, num_tangents, distribution, entry_masks)
-  return unflatten(flat, trainable)
+  dtype = flat_dtype(trainable)
+  if distribution == "normalized_gaussian":
+    flat = _gaussian_flat(key, trainable, num_tangents, dtype, True, entry_masks)
+  else:
+    # Whitening mixes tangents only, so the zeros of the masked draws stay.
+    draws = _gaussian_flat(key, trainable, num_tangents, dtype, False, entry_masks)
+    flat = _inverse_sqrt_psd(draws @ draws.T) @ draws
+  return round_to_leaves(flat, trainable)
 
 
 def sample_tangents(
@@ -284,8 +252,9 @@ def sample_tangents(
   check_num_tangents(num_tangents)
   check_distribution(distribution)
   part = tree_lib.partition(params, mask)
-  leaves = sample_leaves(
-    key, part.trainable, num_tangents, distribution, part.entry_masks
+  leaves = unflatten(
+    sample_flat(key, part.trainable, num_tangents, distribution, part.entry_masks),
+    part.trainable,
   )
   return part.fill(leaves, lambda leaf: None)
 
@@ -322,15 +291,3 @@ def combine_flat(
   """
   product = jnp.tensordot(coefficients.astype(tangents.dtype), tangents, axes=1)
   return round_to_leaves(product, trainable)
-
-
-def combine(coefficients: Float[Array, " k"], tangent_leaves: list) -> list:
-  """:math:`\\Theta w` leaf by leaf, in each leaf's dtype."""
-  return [
-    jnp.tensordot(
-      coefficients.astype(_compute_dtype(t.dtype)),
-      t.astype(_compute_dtype(t.dtype)),
-      axes=1,
-    ).astype(t.dtype)
-    for t in tangent_leaves
-  ]

@@ -379,10 +379,15 @@ def scale_by_sofo(
     flat_dtype = rows[0].dtype
     if momentum:
       last = tangents_lib.flatten(list(state.last_update), flat_dtype, batch_ndim=0)
-      rows.append(tangents_lib.normalize_rows(last[None]))
+      # The fresh and recycled rows already hold values of each leaf's dtype.
+      rows.append(
+        tangents_lib.round_to_leaves(
+          tangents_lib.normalize_rows(last[None]), part.trainable
+        )
+      )
     if num_recycled:
       rows.append(tangents_lib.flatten(list(state.recycled), flat_dtype))
-    tangents = tangents_lib.round_to_leaves(jnp.concatenate(rows), part.trainable)
+    tangents = jnp.concatenate(rows)
     tangent_leaves = tangents_lib.unflatten(tangents, part.trainable)
     sketch, aux = sketch_lib.sketch_leaves(
       loss_fn,
