@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from sofo_jax._src import sharding as sharding_lib
 from sofo_jax._src import spmd
 
 TANGENT_AXIS = "sofo_jax_tangents"
@@ -95,6 +96,7 @@ def _contract_with_all(gathered, own) -> Float[Array, " k"]:
   """
 
   def leaf(g, o):
+    g, o = sharding_lib.replicate(g), sharding_lib.replicate(o)
     return g.reshape(g.shape[0], -1) @ o.reshape(-1)
 
   rows = jax.tree.map(leaf, gathered, own)

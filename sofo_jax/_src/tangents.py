@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float
 
+from sofo_jax._src import sharding as sharding_lib
 from sofo_jax._src import tree as tree_lib
 
 DISTRIBUTIONS = ("normalized_gaussian", "orthonormal")
@@ -154,9 +155,12 @@ def unflatten(flat: Array, trainable: list, dtype=None) -> list:
   offsets = _offsets(trainable)
   batch = flat.shape[:-1]
   return [
-    flat[..., start:stop]
-    .reshape(batch + jnp.shape(leaf))
-    .astype(dtype or jnp.result_type(leaf))
+    sharding_lib.like(
+      flat[..., start:stop]
+      .reshape(batch + jnp.shape(leaf))
+      .astype(dtype or jnp.result_type(leaf)),
+      leaf,
+    )
     for start, stop, leaf in zip(offsets[:-1], offsets[1:], trainable)
   ]
 
@@ -164,7 +168,10 @@ def unflatten(flat: Array, trainable: list, dtype=None) -> list:
 def flatten(leaves: list, dtype, batch_ndim: int = 1) -> Array:
   """The inverse of :func:`unflatten`: leaves ``(..., *shape)`` as ``(..., P)``."""
   return jnp.concatenate(
-    [leaf.reshape((*leaf.shape[:batch_ndim], -1)).astype(dtype) for leaf in leaves],
+    [
+      sharding_lib.replicate(leaf).reshape((*leaf.shape[:batch_ndim], -1)).astype(dtype)
+      for leaf in leaves
+    ],
     axis=-1,
   )
 

@@ -13,6 +13,7 @@ from sofo_jax._src import eager as eager_lib
 from sofo_jax._src import keys as keys_lib
 from sofo_jax._src import learning_rate as learning_rate_lib
 from sofo_jax._src import multisteps, spmd, validation
+from sofo_jax._src import sharding as sharding_lib
 from sofo_jax._src import sketch as sketch_lib
 from sofo_jax._src import solve as solve_lib
 from sofo_jax._src import step_control as step_control_lib
@@ -344,7 +345,10 @@ def scale_by_sofo(
     if not num_recycled:
       return None
     part = tree_lib.partition(params, mask)
-    return tuple(jnp.zeros((num_recycled, *p.shape), p.dtype) for p in part.trainable)
+    return tuple(
+      sharding_lib.like(jnp.zeros((num_recycled, *p.shape), p.dtype), p)
+      for p in part.trainable
+    )
 
   def init_fn(params):
     multisteps.check_not_in_multisteps(owner)
