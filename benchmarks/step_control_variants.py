@@ -64,20 +64,33 @@ VARIANTS = {
   },
   # The defaults with that warm-up.
   "warmup": {"learning_rate": training.warmup(1.0, 100)},
+  # The defaults with fewer tangents: on delayed addition K = 128 exceeds the
+  # 64 residuals of a batch (one answer per trial).
+  "k64": {"num_tangents": 64},
+  # A trust region in parameter space: no step longer than a tenth of the
+  # parameters' norm.
+  "step_ratio": {"step_control": sofo_jax.StepControl(max_step_ratio=0.1)},
+  # Adam + BPTT at delayed addition's best rate of the reproduction's grid,
+  # for reference on the same seeds.
+  "adam": {"adam": 3e-4},
 }
 DEFAULT_VARIANTS = ("defaults", "min_rho", "min_rho_fast_decrease", "damping_floor")
 DEFAULT_TASKS = ("kalman", "lorenz", "delayed_addition")
 
 
 def make_optimizer(options: dict):
+  """``(make, method, settings)`` for :func:`reproduce.train`."""
   options = dict(options)
+  if "adam" in options:
+    return reproduce.adam, "adam", [[options["adam"]]]
   learning_rate = options.pop("learning_rate", 1.0)
+  num_tangents = options.pop("num_tangents", reproduce.NUM_TANGENTS)
 
   def make(setting, key):
     del setting
-    return sofo_jax.sofo(learning_rate, reproduce.NUM_TANGENTS, key=key, **options)
+    return sofo_jax.sofo(learning_rate, num_tangents, key=key, **options)
 
-  return make
+  return make, "sofo", [[0.0]]
 
 
 def summary(losses: np.ndarray) -> dict:
@@ -98,6 +111,12 @@ def main(argv=None) -> int:
     "--variants",
     default=",".join(DEFAULT_VARIANTS),
     help=f"comma-separated, from {sorted(VARIANTS)}",
+  )
+  parser.add_argument(
+    "--seeds",
+    default=None,
+    help="comma-separated seeds (default: the reproduction's, "
+    f"{','.join(map(str, reproduce.SEEDS))})",
   )
   parser.add_argument("--output", default=None)
   parser.add_argument(
@@ -126,13 +145,15 @@ def main(argv=None) -> int:
     task = module.make(dataclasses.replace(config, **overrides))
     steps = 20 if args.quick else reproduce.STEPS.get(name, reproduce.DEFAULT_STEPS)
     seeds = reproduce.SEEDS[:1] if args.quick else reproduce.SEEDS
+    if args.seeds:
+      seeds = tuple(int(seed) for seed in args.seeds.split(","))
     rows = payload["tasks"].get(name, {}).get("variants", {})
     for variant in args.variants.split(","):
       begin = time.perf_counter()
-      losses, _, _ = reproduce.train(
-        task, make_optimizer(VARIANTS[variant]), "sofo", steps, [[0.0]], seeds
-      )
+      make, method, settings = make_optimizer(VARIANTS[variant])
+      losses, _, _ = reproduce.train(task, make, method, steps, settings, seeds)
       rows[variant] = summary(losses[0])
+      rows[variant]["seeds"] = list(seeds)
       rows[variant]["seconds"] = time.perf_counter() - begin
       _harness.log(
         f"{name} {variant}: final {rows[variant]['final_loss']:.4g} "

@@ -48,6 +48,27 @@ def test_an_accepted_step_never_increases_its_own_batch_loss(seed, learning_rate
   assert seen["accepted"] > 0
 
 
+def test_max_step_ratio_bounds_every_step_it_accepts():
+  """No accepted step is longer than the ratio times the parameters' norm."""
+  ratio = 0.05
+  norm = lambda tree: float(jnp.linalg.norm(ravel_pytree(tree)[0]))
+  longest = {}
+  for bound in (None, ratio):
+    params, loss_fn = _rnn_problem(0)
+    control = sofo_jax.StepControl(max_step_ratio=bound)
+    opt = sofo_jax.sofo(1.0, 4, key=jax.random.key(0), step_control=control)
+    state = opt.init(params)
+    step = jax.jit(lambda p, s, opt=opt, f=loss_fn: opt.update(None, s, p, loss_fn=f))
+    longest[bound] = 0.0
+    for _ in range(10):
+      updates, state = step(params, state)
+      if not bool(sofo_jax.get_diagnostics(state).step_reverted):
+        longest[bound] = max(longest[bound], norm(updates) / norm(params))
+      params = optax.apply_updates(params, updates)
+  assert longest[None] > ratio  # the bound has something to cut
+  assert 0 < longest[ratio] <= ratio * (1 + 1e-5)
+
+
 def test_learning_rate_enters_the_trial_point():
   """The trial loss is the loss at the parameters the chain actually produces."""
   params, loss_fn = _rnn_problem(3)
@@ -206,6 +227,8 @@ def test_step_control_settings_are_checked():
     sofo_jax.StepControl(decrease=1.5)
   with pytest.raises(ValueError, match="revert_ratio"):
     sofo_jax.StepControl(revert_ratio=0.5)
+  with pytest.raises(ValueError, match="max_step_ratio"):
+    sofo_jax.StepControl(max_step_ratio=0.0)
   with pytest.raises(TypeError, match="num_trials"):
     sofo_jax.StepControl(num_trials=2.0)
   with pytest.raises(TypeError, match="StepControl"):

@@ -84,6 +84,10 @@ class StepControl:
       pass per step and one parameter-sized buffer in the state; ``None``
       turns the check off. The undo assumes the chain after SOFO only scales
       by the learning rate, as in :func:`sofo_jax.sofo`.
+    max_step_ratio: a trust region in parameter space: a trial step longer
+      than ``max_step_ratio`` times the norm of the trainable parameters is
+      not accepted (no bound when the parameters are zero). ``None`` (the
+      default) sets no bound. See ``benchmarks/README.md`` for what it did.
 
   Example:
     >>> import sofo_jax
@@ -99,6 +103,7 @@ class StepControl:
   min_damping: float = 1e-6
   max_damping: float = 1e3
   revert_ratio: float | None = 2.0
+  max_step_ratio: float | None = None
 
   def __post_init__(self):
     if isinstance(self.num_trials, bool) or not isinstance(self.num_trials, int):
@@ -117,6 +122,8 @@ class StepControl:
     )
     if self.revert_ratio is not None:
       checks += (("revert_ratio", self.revert_ratio >= 1.0, ">= 1 (or None)"),)
+    if self.max_step_ratio is not None:
+      checks += (("max_step_ratio", self.max_step_ratio > 0.0, "> 0 (or None)"),)
     for name, ok, rule in checks:
       value = getattr(self, name)
       if not (
@@ -219,6 +226,7 @@ def choose(
   losses: Float[Array, " m"],
   loss: Float[Array, ""],
   finite: Bool[Array, ""],
+  within: ArrayLike = True,
 ) -> ControlledStep:
   """Keeps the least damped trial that works and sets the next damping.
 
@@ -228,6 +236,8 @@ def choose(
     losses: the loss after each trial step, on this batch.
     loss: the loss before the step, on this batch.
     finite: whether the sketch was finite (if not, every trial is rejected).
+    within: per trial, whether its step lies inside the trust region
+      (``max_step_ratio``); True when there is none.
 
   Returns:
     A :class:`ControlledStep`.
@@ -247,6 +257,7 @@ def choose(
     & (losses <= loss)
     & (~positive | (rho >= settings.min_rho))
     & finite
+    & within
   )
   chosen = jnp.argmax(acceptable)  # the first, least damped, acceptable trial
   rejected = ~acceptable[chosen]  # argmax of all-False is 0 (one reduction, not two)

@@ -137,8 +137,18 @@ def controlled_step(
     has_aux,
     data_axis_name,
   )
+  within = True
+  if settings.max_step_ratio is not None:
+    params_norm = jnp.linalg.norm(tangents_lib.flatten(part.trainable, dtype, 0))
+    step_norms = jnp.linalg.norm(offsets[: settings.num_trials], axis=-1)
+    within = ~(step_norms > settings.max_step_ratio * params_norm) | (params_norm == 0)
   chosen = step_control_lib.choose(
-    settings, trials, losses[: settings.num_trials], sketch.value, system.finite
+    settings,
+    trials,
+    losses[: settings.num_trials],
+    sketch.value,
+    system.finite,
+    within,
   )
   # The accepted trial's step, already computed; zero if every trial failed.
   direction = jnp.where(chosen.rejected, jnp.zeros((), dtype), steps[chosen.trial])
