@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from jaxtyping import Array, Bool, Float
 
 from sofo_jax._src import learning_rate as learning_rate_lib
@@ -139,7 +140,8 @@ def controlled_step(
   )
   within = True
   if settings.max_step_ratio is not None:
-    params_norm = jnp.linalg.norm(tangents_lib.flatten(part.trainable, dtype, 0))
+    # Per-leaf sums of squares: no parameter-sized copy on the hot path.
+    params_norm = optax.tree.norm(part.trainable).astype(dtype)
     step_norms = jnp.linalg.norm(offsets[: settings.num_trials], axis=-1)
     within = ~(step_norms > settings.max_step_ratio * params_norm) | (params_norm == 0)
   chosen = step_control_lib.choose(
