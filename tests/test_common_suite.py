@@ -11,6 +11,7 @@ import functools
 import os
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import models
@@ -248,11 +249,6 @@ def _injected():
   return opt, jax.jit(_step(opt, loss_fn))
 
 
-def _assert_trees_close(a, b, **tolerances):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **tolerances), a, b)
-
-
 def test_inject_hyperparams_matches_the_plain_optimizer():
   params, loss_fn = _mixed()
   plain = sofo_jax.sofo(1.0, _NUM_TANGENTS, key=jax.random.key(_KEY))
@@ -263,8 +259,8 @@ def test_inject_hyperparams_matches_the_plain_optimizer():
   for _ in range(3):
     p_plain, s_plain = plain_step(p_plain, s_plain)
     p_injected, s_injected = injected_step(p_injected, s_injected)
-  _assert_trees_close(p_injected, p_plain, rtol=1e-6, atol=1e-7)
-  _assert_trees_close(
+  chex.assert_trees_all_close(p_injected, p_plain, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(
     sofo_jax.get_state(s_injected), sofo_jax.get_state(s_plain), rtol=1e-6, atol=1e-7
   )
   assert (
@@ -289,8 +285,8 @@ def test_schedule_equals_the_learning_rate_injected_step_by_step():
     s_injected.hyperparams["learning_rate"] = jnp.asarray(schedule(t), jnp.float32)
     p_injected, s_injected = injected_step(params, s_injected)
     new_params, s_scheduled = scheduled_step(params, s_scheduled)
-    _assert_trees_close(new_params, p_injected, rtol=1e-6, atol=1e-7)
-    _assert_trees_close(
+    chex.assert_trees_all_close(new_params, p_injected, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(
       sofo_jax.get_state(s_scheduled),
       sofo_jax.get_state(s_injected),
       rtol=1e-6,
@@ -405,8 +401,8 @@ def test_one_step_with_micro_batches_equals_the_full_batch_step(x64):
       trajectory.append((p, sofo_jax.get_state(s)))
     results.append(trajectory)
   for (p_full, s_full), (p_micro, s_micro) in zip(*results):
-    _assert_trees_close(p_micro, p_full, rtol=1e-10, atol=1e-13)
-    _assert_trees_close(s_micro, s_full, rtol=1e-9, atol=1e-12)
+    chex.assert_trees_all_close(p_micro, p_full, rtol=1e-10, atol=1e-13)
+    chex.assert_trees_all_close(s_micro, s_full, rtol=1e-9, atol=1e-12)
   moved = ravel_pytree(results[0][-1][0])[0] - ravel_pytree(params)[0]
   assert float(jnp.linalg.norm(moved)) > 1e-3
   assert not bool(results[0][-1][1].diagnostics.step_rejected)

@@ -9,6 +9,7 @@ data is good again. Also: what ``optax.apply_if_finite`` really does around
 SOFO.
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,11 +51,6 @@ def train_step(opt):
     return optax.apply_updates(params, updates), state, updates
 
   return step
-
-
-def assert_all_finite(tree):
-  for leaf in jax.tree.leaves(tree):
-    assert bool(jnp.all(jnp.isfinite(leaf))), tree
 
 
 def assert_skipped(opt, loss_fn, params=PARAMS):
@@ -126,7 +122,7 @@ def test_bad_batches_are_skipped_inside_a_scan_and_training_goes_on(name):
   (params, state), (finite, loss) = jax.lax.scan(
     body, (PARAMS, opt.init(PARAMS)), jnp.asarray(ys)
   )
-  assert_all_finite(params)
+  chex.assert_tree_all_finite(params)
   np.testing.assert_array_equal(finite, ~bad)
   assert int(sofo_jax.get_diagnostics(state).num_nonfinite_steps) == bad.sum()
   assert int(sofo_jax.get_state(state).count) == num_steps
@@ -259,7 +255,7 @@ def test_outputs_independent_of_some_params_with_tiny_damping(distribution, damp
     params, state, updates = step(params, state, X, y)
     if i >= 20:
       assert float(jnp.max(jnp.abs(updates["unused"]))) < 1e-4
-  assert_all_finite(params)
+  chex.assert_tree_all_finite(params)
   np.testing.assert_allclose(good_loss(params, y=y).value, best, rtol=1e-4)
   assert int(sofo_jax.get_diagnostics(state).num_nonfinite_steps) == 0
 

@@ -1,5 +1,6 @@
 """The optimizer common suite and composition with optax, equinox and JAX."""
 
+import chex
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -46,8 +47,7 @@ def test_jit_matches_eager(name):
   state = opt.init(params)
   eager = _step_fn(opt, loss_fn)(params, state)
   jitted = jax.jit(_step_fn(opt, loss_fn))(params, state)
-  chex_close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  jax.tree.map(chex_close, eager[0], jitted[0])
+  chex.assert_trees_all_close(eager[0], jitted[0], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
