@@ -32,7 +32,9 @@ from sofo_jax.tasks import neurogym
 
 ENVS = ("MultiSensoryIntegration-v0", "PerceptualDecisionMaking-v0")
 VARIANTS = {
-  "min_rho_0.25 (default)": {},
+  "defaults": {},
+  # The defaults before the starting damping became 1.
+  "start_damping_1e-4": {"damping": 1e-4},
   "min_rho_0.5": {"step_control": sofo_jax.StepControl(min_rho=0.5)},
 }
 HELD_OUT_SEED = 2024

@@ -70,6 +70,13 @@ VARIANTS = {
   # A trust region in parameter space: no step longer than a tenth of the
   # parameters' norm.
   "step_ratio": {"step_control": sofo_jax.StepControl(max_step_ratio=0.1)},
+  # Adaptive damping that starts high and falls by the Levenberg–Marquardt
+  # rule (x0.8 per step with rho > 3/4): the first steps are close to
+  # gradient steps scaled by 1/s_max, later ones close to Gauss–Newton.
+  "start_damping_1e-2": {"damping": 1e-2},
+  "start_damping_1": {"damping": 1.0},
+  "start_damping_10": {"damping": 10.0},
+  "k32": {"num_tangents": 32},
   # Adam + BPTT at delayed addition's best rate of the reproduction's grid,
   # for reference on the same seeds.
   "adam": {"adam": 3e-4},

@@ -217,7 +217,9 @@ def test_step_control_variants_quick_and_merge(tmp_path):
 def test_neurogym_check_quick(tmp_path):
   pytest.importorskip("neurogym")
   payload = _run_script("neurogym_check.py", tmp_path / "neurogym.json")
-  assert len(payload["rows"]) == 4
+  # Quick mode: one seed of each of 3 variants on each of 2 environments.
+  assert len(payload["rows"]) == 6
+  assert len({(row["env"], row["variant"]) for row in payload["rows"]}) == 6
   assert all(0.0 <= row["accuracy"] <= 1.0 for row in payload["rows"])
 
 

@@ -145,7 +145,7 @@ def test_non_finite_loss_after_a_step_is_undone():
     x * jnp.where(p["w"] > 0.5, jnp.inf, p["w"]), jnp.ones((4, 1))
   )
   params = {"w": jnp.zeros((1,))}
-  opt = sofo_jax.sofo(1.0, 1, key=jax.random.key(0))
+  opt = sofo_jax.sofo(1.0, 1, 1e-4, key=jax.random.key(0))
   state = opt.init(params)
   updates, state = opt.update(None, state, params, loss_fn=finite)
   moved = optax.apply_updates(params, updates)
@@ -263,3 +263,21 @@ def test_defaults_train_every_rnn_task_at_quick_size(name):
   assert np.all(np.isfinite(history.losses))
   assert np.max(history.losses) <= 3 * history.losses[0]
   assert np.mean(history.losses[-5:]) < history.losses[0]
+
+
+@pytest.mark.parametrize(
+  "adaptive, damping, expected",
+  [(True, None, 1.0), (False, None, 1e-4), (True, 3e-3, 3e-3), (False, 3e-3, 3e-3)],
+)
+def test_default_damping_depends_on_the_mode(adaptive, damping, expected):
+  """Step control starts at λ = 1; the paper's fixed damping is 1e-4."""
+  params, loss_fn = _rnn_problem(0)
+  opt = sofo_jax.sofo(1.0, 4, damping, key=jax.random.key(0), adaptive=adaptive)
+  state = opt.init(params)
+  np.testing.assert_allclose(sofo_jax.get_state(state).damping, expected, rtol=1e-6)
+  _, state = opt.update(None, state, params, loss_fn=loss_fn)
+  used = float(sofo_jax.get_diagnostics(state).damping_parameter)
+  # Step control's first trial is the starting damping, later ones 10×, 100×.
+  rungs = np.log10(used / expected) if adaptive else 0.0
+  np.testing.assert_allclose(rungs, np.round(rungs), atol=1e-5)
+  assert 0 <= round(rungs) < 3

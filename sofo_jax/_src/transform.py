@@ -140,9 +140,21 @@ def _check_num_recycled(num_recycled) -> int:
   return num_recycled
 
 
+# The fixed relative damping of the paper's optimiser (adaptive=False) when
+# the user gives none; the paper tunes it in [1e-7, 1e-3].
+FIXED_DAMPING = 1e-4
+
+
+def default_damping(damping: ArrayLike | None, adaptive: bool) -> ArrayLike:
+  """``damping``, or the default for the mode when it is ``None``."""
+  if damping is not None:
+    return damping
+  return step_control_lib.START_DAMPING if adaptive else FIXED_DAMPING
+
+
 def scale_by_sofo(
   num_tangents: int,
-  damping: ArrayLike = 1e-4,
+  damping: ArrayLike | None = None,
   *,
   key: jax.Array,
   adaptive: bool = True,
@@ -210,8 +222,12 @@ def scale_by_sofo(
     num_tangents: K, a Python int >= 1. It fixes shapes: with
       ``optax.inject_hyperparams`` list it (and ``key``) in ``static_args``.
     damping: :math:`\\lambda \\ge 0` (an array-like). With ``adaptive``
-      it is the starting damping, adapted every step; without it, the fixed
-      damping (injectable with ``optax.inject_hyperparams``).
+      it is the starting damping, adapted every step; ``None`` (default)
+      starts at 1, relative to :math:`s_{\\max}`, so the first steps are
+      cautious and the damping then falls by the Levenberg–Marquardt rule
+      (see :class:`sofo_jax.StepControl`). Without ``adaptive`` it is the
+      fixed damping (injectable with ``optax.inject_hyperparams``), and
+      ``None`` means 1e-4.
     key: PRNG key (``jax.random.key`` or ``jax.random.PRNGKey``); split every
       step, so successive steps use fresh tangents.
     adaptive: adaptive step control (default): every step tries a ladder of
@@ -309,12 +325,13 @@ def scale_by_sofo(
   key_data, codec = keys_lib.check_key(key, "scale_by_sofo")
   if isinstance(relative_damping, jax.Array) or not isinstance(relative_damping, bool):
     raise TypeError("relative_damping must be a Python bool.")
-  validation.check_damping(damping, "scale_by_sofo")
   validation.check_aux_example(has_aux, aux_example)
   spmd.check_axis_names(data_axis_name, tangent_axis_name)
   owner = "scale_by_sofo"
   if isinstance(adaptive, jax.Array) or not isinstance(adaptive, bool):
     raise TypeError("adaptive must be a Python bool.")
+  damping = default_damping(damping, adaptive)
+  validation.check_damping(damping, owner)
   if not isinstance(step_control, step_control_lib.StepControl):
     raise TypeError(
       f"step_control must be a sofo_jax.StepControl; got {type(step_control).__name__}."
@@ -498,7 +515,7 @@ def scale_by_sofo(
 def sofo(
   learning_rate: optax.ScalarOrSchedule,
   num_tangents: int,
-  damping: ArrayLike = 1e-4,
+  damping: ArrayLike | None = None,
   *,
   key: jax.Array,
   adaptive: bool = True,
