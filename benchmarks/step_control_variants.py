@@ -76,6 +76,12 @@ VARIANTS = {
   "start_damping_1e-2": {"damping": 1e-2},
   "start_damping_1": {"damping": 1.0},
   "start_damping_10": {"damping": 10.0},
+  # The starting damping of 1 with the damping floor of the fixed tuned
+  # point (1e-4).
+  "start_damping_1_floor": {
+    "damping": 1.0,
+    "step_control": sofo_jax.StepControl(min_damping=1e-4),
+  },
   "k32": {"num_tangents": 32},
   # Adam + BPTT at delayed addition's best rate of the reproduction's grid,
   # for reference on the same seeds.
