@@ -36,6 +36,9 @@ VARIANTS = {
   # The defaults before the starting damping became 1.
   "start_damping_1e-4": {"damping": 1e-4},
   "min_rho_0.5": {"step_control": sofo_jax.StepControl(min_rho=0.5)},
+  # A trust region: no step longer than a tenth of the parameters' norm.
+  "max_step_ratio_0.1": {"step_control": sofo_jax.StepControl(max_step_ratio=0.1)},
+  "no_max_step_ratio": {"step_control": sofo_jax.StepControl(max_step_ratio=None)},
 }
 HELD_OUT_SEED = 2024
 HELD_OUT_BATCHES = 8
@@ -45,6 +48,11 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--output", default=None)
+  parser.add_argument(
+    "--variants",
+    default=",".join(VARIANTS),
+    help=f"comma-separated, from {sorted(VARIANTS)}",
+  )
   args = parser.parse_args(argv)
   out = _harness.output_path(args.output, "neurogym_check.json", args.quick)
   steps, seeds = (3, 1) if args.quick else (200, 3)
@@ -54,7 +62,8 @@ def main(argv=None) -> int:
     task = neurogym.make(config)
     pool = neurogym.generate(config, num_batches=HELD_OUT_BATCHES, seed=HELD_OUT_SEED)
     held_out = [{k: v[i] for k, v in pool.items()} for i in range(HELD_OUT_BATCHES)]
-    for variant, options in VARIANTS.items():
+    for variant in args.variants.split(","):
+      options = VARIANTS[variant]
       for seed in range(seeds):
         history = training.fit(
           task, "sofo", steps, key=jax.random.key(seed), progress=False, **options

@@ -73,6 +73,7 @@ VARIANTS = {
   # Adaptive damping that starts high and falls by the Levenberg–Marquardt
   # rule (x0.8 per step with rho > 3/4): the first steps are close to
   # gradient steps scaled by 1/s_max, later ones close to Gauss–Newton.
+  "start_damping_1e-4": {"damping": 1e-4},  # the default before
   "start_damping_1e-2": {"damping": 1e-2},
   "start_damping_1": {"damping": 1.0},
   "start_damping_10": {"damping": 10.0},
@@ -81,6 +82,27 @@ VARIANTS = {
   "start_damping_1_floor": {
     "damping": 1.0,
     "step_control": sofo_jax.StepControl(min_damping=1e-4),
+  },
+  # A floor a decade lower.
+  "start_damping_1_floor_1e-5": {
+    "damping": 1.0,
+    "step_control": sofo_jax.StepControl(min_damping=1e-5),
+  },
+  # The floor of 1e-4 with min_rho = 0.5.
+  "start_damping_1_floor_min_rho_half": {
+    "damping": 1.0,
+    "step_control": sofo_jax.StepControl(min_damping=1e-4, min_rho=0.5),
+  },
+  # The starting damping of 1 (the default) with the trust region above.
+  "start_damping_1_step_ratio": {
+    "damping": 1.0,
+    "step_control": sofo_jax.StepControl(max_step_ratio=0.1),
+  },
+  # Both: the floor that closes Lorenz's gap, the trust region that
+  # removed the Kalman spikes.
+  "start_damping_1_floor_step_ratio": {
+    "damping": 1.0,
+    "step_control": sofo_jax.StepControl(min_damping=1e-4, max_step_ratio=0.1),
   },
   "k32": {"num_tangents": 32},
   # Adam + BPTT at delayed addition's best rate of the reproduction's grid,

@@ -50,6 +50,12 @@ class History:
     settings: the hyperparameters used.
     num_nonfinite_steps: steps skipped for non-finite values (forward-mode
       methods; 0 for the others).
+    step_rejected: per step, whether step control rejected that update
+      (SOFO only; all False for the other methods), shape ``(num_steps,)``.
+    step_reverted: per step, whether that update undid the previous step
+      because its loss on this step's batch was far above the loss before
+      it (the next-batch check); ``losses`` at such a step is the spike
+      that was undone. Shape ``(num_steps,)``.
   """
 
   method: str
@@ -58,6 +64,8 @@ class History:
   params: Any
   settings: dict
   num_nonfinite_steps: int = 0
+  step_rejected: np.ndarray | None = None
+  step_reverted: np.ndarray | None = None
 
 
 def warmup(peak: float | jax.Array, warmup_steps: int) -> optax.ScalarOrSchedule:
@@ -241,8 +249,17 @@ def fit(
     params = task.init_params(init_key)
   state = optimizer.init(params)
   step = make_train_step(task, method, optimizer)
+
+  def recorded_step(carry, batch_key):
+    carry, loss = step(carry, batch_key)
+    if method == "sofo":
+      diagnostics = state_utils.get_diagnostics(carry[1])
+      assert isinstance(diagnostics, transform.SofoDiagnostics)
+      return carry, (loss, diagnostics.step_rejected, diagnostics.step_reverted)
+    return carry, (loss, jnp.array(False), jnp.array(False))
+
   chunk_size = chunk_size or max(1, -(-num_steps // 20))
-  run_chunk = jax.jit(lambda carry, keys: jax.lax.scan(step, carry, keys))
+  run_chunk = jax.jit(lambda carry, keys: jax.lax.scan(recorded_step, carry, keys))
   batch_keys = jax.random.split(data_key, num_steps)
 
   # Compile every chunk shape before the clock (and the progress bar) start.
@@ -253,16 +270,18 @@ def fit(
     keys = batch_keys[start : start + chunk_size]
     if keys.shape[0] not in compiled:
       compiled[keys.shape[0]] = run_chunk.lower(carry, keys).compile()
-  losses, seconds, elapsed = [], [], 0.0
+  losses, rejected, reverted, seconds, elapsed = [], [], [], [], 0.0
   bar = _progress_bar(num_steps, f"{task.name}/{method}", progress)
   for start in starts:
     keys = batch_keys[start : start + chunk_size]
     size = keys.shape[0]
     begin = time.perf_counter()
-    carry, chunk_losses = compiled[size](carry, keys)
+    carry, (chunk_losses, chunk_rejected, chunk_reverted) = compiled[size](carry, keys)
     jax.block_until_ready(carry)
     spent = time.perf_counter() - begin
     losses.append(np.asarray(chunk_losses))
+    rejected.append(np.asarray(chunk_rejected))
+    reverted.append(np.asarray(chunk_reverted))
     seconds.append(elapsed + spent * np.arange(1, size + 1) / size)
     elapsed += spent
     if bar is not None:
@@ -287,6 +306,8 @@ def fit(
       **sofo_options,
     },
     num_nonfinite_steps=nonfinite,
+    step_rejected=np.concatenate(rejected),
+    step_reverted=np.concatenate(reverted),
   )
 
 

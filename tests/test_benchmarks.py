@@ -214,6 +214,24 @@ def test_step_control_variants_quick_and_merge(tmp_path):
   assert "--merge" in payload["command"]
 
 
+def test_spike_trace_quick(tmp_path):
+  # Threshold 0: every step counts as a spike, which pins the bookkeeping.
+  payload = _run_script(
+    "spike_trace.py",
+    tmp_path / "spikes.json",
+    "--variants",
+    "defaults",
+    "--seeds",
+    "0",
+    "--threshold",
+    "0",
+  )
+  (run,) = payload["runs"].values()
+  assert run["num_spikes"] == run["longest_spike_run"] == len(run["spikes"]) == 20
+  assert run["num_reverted_at_spikes"] == run["num_reverted"]
+  assert run["max_over_first"] >= 1.0 and math.isfinite(run["final_loss"])
+
+
 def test_neurogym_check_quick(tmp_path):
   pytest.importorskip("neurogym")
   payload = _run_script("neurogym_check.py", tmp_path / "neurogym.json")

@@ -136,3 +136,41 @@ def test_fit_passes_sofo_options_and_rejects_them_for_other_methods():
     training.fit(task, "adam", 2, key=jax.random.key(0), progress=False, adaptive=False)
   with pytest.raises(ValueError, match="method must be one of"):
     training.fit(task, "lbfgs", 2, key=jax.random.key(0), progress=False)
+
+
+def _task_that_blows_up_on_some_batches():
+  """A one-weight task whose loss is infinite on some batches once w > 0.5.
+
+  A quarter of the batches pull w towards 0.8, the rest towards 0.2 and make
+  the loss infinite for w > 0.5. A step that takes w past 0.5, followed by
+  a batch of the second kind, is undone by the next-batch check, and the
+  loss recorded at that update is infinite (the spike that was undone).
+  """
+  x = jnp.ones((4, 1))
+
+  def loss_fn(params, blows_up):
+    weight = jnp.where(blows_up & (params["w"] > 0.5), jnp.inf, params["w"])
+    return losses.mse(x * weight, jnp.where(blows_up, 0.2, 0.8) * x)
+
+  return sofo_jax.tasks.Task(
+    name="blows_up",
+    config=sofo_jax.tasks.TaskConfig(batch_size=4, num_tangents=1),
+    init_params=lambda key: {"w": jnp.zeros((1,))},
+    sample_batch=lambda key: jax.random.bernoulli(key, 0.75),
+    loss_fn=loss_fn,
+    metrics=lambda params, batch: {},
+    outputs=lambda params, batch: {},
+  )
+
+
+def test_fit_records_which_steps_were_undone():
+  task = _task_that_blows_up_on_some_batches()
+  history = training.fit(
+    task, "sofo", 16, key=jax.random.key(2), chunk_size=5, progress=False
+  )
+  assert history.step_reverted.shape == history.step_rejected.shape == (16,)
+  assert history.step_reverted.any()
+  assert np.all(np.isinf(history.losses[history.step_reverted]))
+  assert np.all(np.isfinite(history.params["w"]))
+  adam = training.fit(task, "adam", 3, key=jax.random.key(0), progress=False)
+  assert not adam.step_reverted.any() and not adam.step_rejected.any()

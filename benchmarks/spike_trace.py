@@ -1,0 +1,149 @@
+"""Per-step traces of late loss spikes, one seed at a time.
+
+``step_control_variants.py`` reports the largest training loss over the
+first; this script says what happened at each spike. It trains one seed at a
+time (not vmapped over seeds, so each run takes its own floating-point path)
+at the reproduction's sizes, batches and initial parameters, records SOFO's
+diagnostics every step, and lists every step whose training loss exceeds
+``--threshold`` times the first: its ratio, whether the next-batch check
+undid the last step there (``step_reverted``: the last step caused the
+spike) or not (the parameters before the last step were unstable on that
+batch too), the damping and ρ.
+
+Usage::
+
+    python benchmarks/spike_trace.py                          # Kalman, 3 seeds, ~10 min
+    python benchmarks/spike_trace.py --variants defaults,start_damping_1e-4
+    python benchmarks/spike_trace.py --quick                  # smoke test, /tmp
+
+Writes ``benchmarks/results/spike_trace.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+
+import _harness
+import jax
+import numpy as np
+import optax
+import reproduce
+import step_control_variants
+
+import sofo_jax
+
+
+def trace(task, optimizer, params, batch_keys) -> dict[str, np.ndarray]:
+  """Per-step loss and step-control diagnostics of one run."""
+
+  def step(carry, batch_key):
+    params, state = carry
+    batch = task.sample_batch(batch_key)
+    updates, state = optimizer.update(
+      None, state, params, loss_fn=lambda p: task.loss_fn(p, batch)
+    )
+    diagnostics = sofo_jax.get_diagnostics(state)
+    record = {
+      "loss": diagnostics.loss,
+      "damping": diagnostics.damping_parameter,
+      "rho": diagnostics.rho,
+      "reverted": diagnostics.step_reverted,
+      "rejected": diagnostics.step_rejected,
+    }
+    return (optax.apply_updates(params, updates), state), record
+
+  run = jax.jit(lambda carry, keys: jax.lax.scan(step, carry, keys)[1])
+  records = run((params, optimizer.init(params)), batch_keys)
+  return {name: np.asarray(value) for name, value in records.items()}
+
+
+def spikes(records: dict[str, np.ndarray], threshold: float) -> dict:
+  """Summary of one run's steps with a loss above ``threshold`` × the first."""
+  loss = records["loss"]
+  above = loss > threshold * loss[0]
+  longest = current = 0
+  for flag in above:
+    current = current + 1 if flag else 0
+    longest = max(longest, current)
+  where = np.flatnonzero(above)
+  return {
+    "first_loss": float(loss[0]),
+    "final_loss": reproduce.final_loss(loss),
+    "max_over_first": float(np.nanmax(loss / loss[0])),
+    "num_spikes": int(above.sum()),
+    "num_reverted_at_spikes": int(records["reverted"][where].sum()),
+    "num_reverted": int(records["reverted"].sum()),
+    "num_rejected": int(records["rejected"].sum()),
+    "longest_spike_run": longest,
+    "spikes": [
+      {
+        "step": int(i),
+        "over_first": float(loss[i] / loss[0]),
+        "reverted": bool(records["reverted"][i]),
+        "damping": float(records["damping"][i]),
+      }
+      for i in where
+    ],
+  }
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--task", default="kalman")
+  parser.add_argument("--variants", default="defaults,start_damping_1e-4")
+  parser.add_argument("--seeds", default="0,1,2")
+  parser.add_argument("--threshold", type=float, default=3.0)
+  parser.add_argument("--output", default=None)
+  args = parser.parse_args(argv)
+  out = _harness.output_path(args.output, "spike_trace.json", args.quick)
+  module = reproduce.tasks_lib.TASKS[args.task]
+  plan = reproduce._suite.plans("quick" if args.quick else "cpu")[args.task]
+  config = reproduce._suite.task_config(module, plan)
+  overrides = {} if args.quick else reproduce.CONFIG_OVERRIDES.get(args.task, {})
+  task = module.make(dataclasses.replace(config, **overrides))
+  steps = 20 if args.quick else reproduce.STEPS.get(args.task, reproduce.DEFAULT_STEPS)
+  seeds = [int(seed) for seed in args.seeds.split(",")]
+  payload = {
+    "command": "python " + " ".join(["benchmarks/spike_trace.py", *sys.argv[1:]]),
+    "task": args.task,
+    "steps": steps,
+    "threshold": args.threshold,
+    "num_tangents": reproduce.NUM_TANGENTS,
+    "runs": {},
+  }
+  for variant in args.variants.split(","):
+    make, method, settings = step_control_variants.make_optimizer(
+      step_control_variants.VARIANTS[variant]
+    )
+    if method != "sofo":
+      raise ValueError(f"{variant!r} is not a SOFO variant.")
+    for seed in seeds:
+      begin = time.perf_counter()
+      # The same keys as reproduce.train, so the same initial parameters
+      # and batches.
+      init_key, data_key, tangent_key = jax.random.split(jax.random.key(seed), 3)
+      records = trace(
+        task,
+        make(settings[0], tangent_key),
+        task.init_params(init_key),
+        jax.random.split(data_key, steps),
+      )
+      row = spikes(records, args.threshold)
+      row["seconds"] = time.perf_counter() - begin
+      payload["runs"][f"{variant}/seed{seed}"] = row
+      _harness.log(
+        f"{variant} seed {seed}: max/first {row['max_over_first']:.3g}, "
+        f"{row['num_spikes']} spikes ({row['num_reverted_at_spikes']} undone), "
+        f"longest run {row['longest_spike_run']}, final {row['final_loss']:.4g}"
+      )
+      _harness.write_json(out, payload)
+  print(f"wrote {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
