@@ -254,7 +254,7 @@ def fit(
     carry, loss = step(carry, batch_key)
     if method == "sofo":
       diagnostics = state_utils.get_diagnostics(carry[1])
-      assert isinstance(diagnostics, transform.SofoDiagnostics)
+      assert isinstance(diagnostics, transform.SofoDiagnostics)  # narrows for mypy
       return carry, (loss, diagnostics.step_rejected, diagnostics.step_reverted)
     return carry, (loss, jnp.array(False), jnp.array(False))
 
