@@ -8,7 +8,7 @@ diagnostics every step, and lists every step whose training loss exceeds
 ``--threshold`` times the first: its ratio, whether the next-batch check
 undid the last step there (``step_reverted``: the last step caused the
 spike) or not (the parameters before the last step were unstable on that
-batch too), the damping and ρ.
+batch too), and the damping.
 
 Usage::
 
@@ -29,33 +29,28 @@ import time
 import _harness
 import jax
 import numpy as np
-import optax
 import reproduce
 import step_control_variants
 
 import sofo_jax
+from sofo_jax import training
 
 
 def trace(task, optimizer, params, batch_keys) -> dict[str, np.ndarray]:
   """Per-step loss and step-control diagnostics of one run."""
+  step = training.make_train_step(task, "sofo", optimizer)
 
-  def step(carry, batch_key):
-    params, state = carry
-    batch = task.sample_batch(batch_key)
-    updates, state = optimizer.update(
-      None, state, params, loss_fn=lambda p: task.loss_fn(p, batch)
-    )
-    diagnostics = sofo_jax.get_diagnostics(state)
-    record = {
-      "loss": diagnostics.loss,
+  def traced(carry, batch_key):
+    carry, loss = step(carry, batch_key)
+    diagnostics = sofo_jax.get_diagnostics(carry[1])
+    return carry, {
+      "loss": loss,
       "damping": diagnostics.damping_parameter,
-      "rho": diagnostics.rho,
       "reverted": diagnostics.step_reverted,
       "rejected": diagnostics.step_rejected,
     }
-    return (optax.apply_updates(params, updates), state), record
 
-  run = jax.jit(lambda carry, keys: jax.lax.scan(step, carry, keys)[1])
+  run = jax.jit(lambda carry, keys: jax.lax.scan(traced, carry, keys)[1])
   records = run((params, optimizer.init(params)), batch_keys)
   return {name: np.asarray(value) for name, value in records.items()}
 

@@ -83,11 +83,6 @@ VARIANTS = {
     "damping": 1.0,
     "step_control": sofo_jax.StepControl(min_damping=1e-4),
   },
-  # A floor a decade lower.
-  "start_damping_1_floor_1e-5": {
-    "damping": 1.0,
-    "step_control": sofo_jax.StepControl(min_damping=1e-5),
-  },
   # The floor of 1e-4 with min_rho = 0.5.
   "start_damping_1_floor_min_rho_half": {
     "damping": 1.0,
