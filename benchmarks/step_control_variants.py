@@ -99,6 +99,13 @@ VARIANTS = {
     "damping": 1.0,
     "step_control": sofo_jax.StepControl(min_damping=1e-4, max_step_ratio=0.1),
   },
+  # The same trust region, applied only once the next-batch check has undone
+  # a step: runs that never spike keep their full steps.
+  "step_ratio_after_revert": {
+    "step_control": sofo_jax.StepControl(
+      max_step_ratio=0.1, trust_region_from_first_revert=True
+    )
+  },
   "k32": {"num_tangents": 32},
   # Adam + BPTT at delayed addition's best rate of the reproduction's grid,
   # for reference on the same seeds.
