@@ -13,7 +13,7 @@ import dataclasses
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -253,8 +253,10 @@ def fit(
   def recorded_step(carry, batch_key):
     carry, loss = step(carry, batch_key)
     if method == "sofo":
-      diagnostics = state_utils.get_diagnostics(carry[1])
-      assert isinstance(diagnostics, transform.SofoDiagnostics)  # narrows for mypy
+      # "sofo" always holds scale_by_sofo's state, never forward_gradient's.
+      diagnostics = cast(
+        transform.SofoDiagnostics, state_utils.get_diagnostics(carry[1])
+      )
       return carry, (loss, diagnostics.step_rejected, diagnostics.step_reverted)
     return carry, (loss, jnp.array(False), jnp.array(False))
 
