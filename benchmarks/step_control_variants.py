@@ -106,6 +106,10 @@ VARIANTS = {
       max_step_ratio=0.1, trust_region_from_first_revert=True
     )
   },
+  # Looser trust regions: does a bound that lets most steps through still
+  # stop Kalman's late spikes?
+  "step_ratio_0.3": {"step_control": sofo_jax.StepControl(max_step_ratio=0.3)},
+  "step_ratio_1": {"step_control": sofo_jax.StepControl(max_step_ratio=1.0)},
   "k32": {"num_tangents": 32},
   # Adam + BPTT at delayed addition's best rate of the reproduction's grid,
   # for reference on the same seeds.
