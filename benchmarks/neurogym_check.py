@@ -38,12 +38,6 @@ VARIANTS = {
   "min_rho_0.5": {"step_control": sofo_jax.StepControl(min_rho=0.5)},
   # A trust region: no step longer than a tenth of the parameters' norm.
   "max_step_ratio_0.1": {"step_control": sofo_jax.StepControl(max_step_ratio=0.1)},
-  # The same, only once the next-batch check has undone a step.
-  "max_step_ratio_0.1_after_revert": {
-    "step_control": sofo_jax.StepControl(
-      max_step_ratio=0.1, trust_region_from_first_revert=True
-    )
-  },
 }
 HELD_OUT_SEED = 2024
 HELD_OUT_BATCHES = 8

@@ -99,17 +99,12 @@ VARIANTS = {
     "damping": 1.0,
     "step_control": sofo_jax.StepControl(min_damping=1e-4, max_step_ratio=0.1),
   },
-  # The same trust region, applied only once the next-batch check has undone
-  # a step: runs that never spike keep their full steps.
-  "step_ratio_after_revert": {
-    "step_control": sofo_jax.StepControl(
-      max_step_ratio=0.1, trust_region_from_first_revert=True
-    )
-  },
   # Looser trust regions: does a bound that lets most steps through still
   # stop Kalman's late spikes?
   "step_ratio_0.3": {"step_control": sofo_jax.StepControl(max_step_ratio=0.3)},
   "step_ratio_1": {"step_control": sofo_jax.StepControl(max_step_ratio=1.0)},
+  "step_ratio_0.15": {"step_control": sofo_jax.StepControl(max_step_ratio=0.15)},
+  "step_ratio_0.2": {"step_control": sofo_jax.StepControl(max_step_ratio=0.2)},
   "k32": {"num_tangents": 32},
   # Adam + BPTT at delayed addition's best rate of the reproduction's grid,
   # for reference on the same seeds.

@@ -69,33 +69,6 @@ def test_max_step_ratio_bounds_every_step_it_accepts():
   assert 0 < longest[ratio] <= ratio * (1 + 1e-5)
 
 
-def test_trust_region_from_first_revert_binds_only_after_an_undone_step():
-  """Batch A pulls w from 1 to 3; batch B (optimum 0.5) undoes that step. The
-  trust region then bounds the next step on batch A, and not the first."""
-  x = jnp.ones((4, 1))
-  batch_a = lambda p: losses.mse(x * p["w"], 3.0 * jnp.ones((4, 1)))
-  batch_b = lambda p: losses.mse(x * p["w"], 0.5 * jnp.ones((4, 1)))
-  ratio = 0.1
-  relative_steps = {}
-  for late in (False, True):
-    control = sofo_jax.StepControl(
-      max_step_ratio=ratio, trust_region_from_first_revert=late
-    )
-    opt = sofo_jax.sofo(1.0, 1, 1e-3, key=jax.random.key(0), step_control=control)
-    params = {"w": jnp.ones((1,))}
-    state = opt.init(params)
-    steps = []
-    for loss_fn in (batch_a, batch_b, batch_a):
-      updates, state = opt.update(None, state, params, loss_fn=loss_fn)
-      steps.append(abs(float(updates["w"][0])) / abs(float(params["w"][0])))
-      params = optax.apply_updates(params, updates)
-    assert int(sofo_jax.get_diagnostics(state).num_reverted_steps) == (1 if late else 0)
-    relative_steps[late] = steps
-  assert relative_steps[False][0] <= ratio * (1 + 1e-5)
-  assert relative_steps[True][0] > 1.5  # full step: nothing undone yet
-  assert relative_steps[True][2] <= ratio * (1 + 1e-5)  # bound after the undo
-
-
 def test_learning_rate_enters_the_trial_point():
   """The trial loss is the loss at the parameters the chain actually produces."""
   params, loss_fn = _rnn_problem(3)
@@ -256,14 +229,6 @@ def test_step_control_settings_are_checked():
     sofo_jax.StepControl(revert_ratio=0.5)
   with pytest.raises(ValueError, match="max_step_ratio"):
     sofo_jax.StepControl(max_step_ratio=0.0)
-  with pytest.raises(ValueError, match="needs a max_step_ratio"):
-    sofo_jax.StepControl(trust_region_from_first_revert=True)
-  with pytest.raises(ValueError, match="needs a max_step_ratio"):
-    sofo_jax.StepControl(
-      max_step_ratio=0.1, revert_ratio=None, trust_region_from_first_revert=True
-    )
-  with pytest.raises(TypeError, match="trust_region_from_first_revert"):
-    sofo_jax.StepControl(max_step_ratio=0.1, trust_region_from_first_revert=1)
   with pytest.raises(TypeError, match="num_trials"):
     sofo_jax.StepControl(num_trials=2.0)
   with pytest.raises(TypeError, match="StepControl"):

@@ -103,9 +103,6 @@ class StepControl:
       defaults); it is not the default because a bound relative to
       the parameters' norm also slows problems whose optimum is far from
       the start, or near zero (``benchmarks/README.md``, "Late spikes").
-    trust_region_from_first_revert: apply ``max_step_ratio`` only once the
-      next-batch check has undone a step, so that a run that never spikes
-      keeps its full steps. Needs ``max_step_ratio`` and ``revert_ratio``.
 
   Example:
     >>> import sofo_jax
@@ -122,7 +119,6 @@ class StepControl:
   max_damping: float = 1e3
   revert_ratio: float | None = 2.0
   max_step_ratio: float | None = None
-  trust_region_from_first_revert: bool = False
 
   def __post_init__(self):
     if isinstance(self.num_trials, bool) or not isinstance(self.num_trials, int):
@@ -131,20 +127,6 @@ class StepControl:
       )
     if self.num_trials < 1:
       raise ValueError(f"StepControl.num_trials must be >= 1; got {self.num_trials}.")
-    if not isinstance(self.trust_region_from_first_revert, bool):
-      raise TypeError(
-        "StepControl.trust_region_from_first_revert must be a bool; got "
-        f"{self.trust_region_from_first_revert!r}."
-      )
-    if self.trust_region_from_first_revert and (
-      self.max_step_ratio is None or self.revert_ratio is None
-    ):
-      raise ValueError(
-        "StepControl.trust_region_from_first_revert needs a max_step_ratio "
-        "(the trust region) and a revert_ratio (the check that undoes a "
-        f"step); got max_step_ratio={self.max_step_ratio!r}, "
-        f"revert_ratio={self.revert_ratio!r}."
-      )
     checks: tuple[tuple[str, bool, str], ...] = (
       ("trial_growth", self.trial_growth > 1.0, "> 1"),
       ("decrease", 0.0 < self.decrease <= 1.0, "in (0, 1]"),

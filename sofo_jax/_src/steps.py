@@ -144,8 +144,6 @@ def controlled_step(
     params_norm = optax.tree.norm(part.trainable).astype(dtype)
     step_norms = jnp.linalg.norm(offsets[: settings.num_trials], axis=-1)
     within = ~(step_norms > settings.max_step_ratio * params_norm) | (params_norm == 0)
-    if settings.trust_region_from_first_revert:
-      within = within | (state.diagnostics.num_reverted_steps == 0)
   chosen = step_control_lib.choose(
     settings,
     trials,
