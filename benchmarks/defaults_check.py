@@ -56,6 +56,7 @@ VARIANTS = {
   "min_rho_zero": {"step_control": sofo_jax.StepControl(min_rho=0.0)},
   "min_rho_half": {"step_control": sofo_jax.StepControl(min_rho=0.5)},
   "max_step_ratio_0.1": {"step_control": sofo_jax.StepControl(max_step_ratio=0.1)},
+  "max_step_ratio_0.15": {"step_control": sofo_jax.StepControl(max_step_ratio=0.15)},
   # The options beyond the paper, each on top of the defaults.
   "momentum": {"momentum": True},
   "recycle_quarter": {"num_recycled": -4},  # K // 4, resolved in run()
