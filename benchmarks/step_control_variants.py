@@ -101,10 +101,12 @@ VARIANTS = {
   },
   # Looser trust regions: does a bound that lets most steps through still
   # stop Kalman's late spikes?
-  "step_ratio_0.3": {"step_control": sofo_jax.StepControl(max_step_ratio=0.3)},
-  "step_ratio_1": {"step_control": sofo_jax.StepControl(max_step_ratio=1.0)},
-  "step_ratio_0.15": {"step_control": sofo_jax.StepControl(max_step_ratio=0.15)},
-  "step_ratio_0.2": {"step_control": sofo_jax.StepControl(max_step_ratio=0.2)},
+  **{
+    f"step_ratio_{ratio:g}": {
+      "step_control": sofo_jax.StepControl(max_step_ratio=ratio)
+    }
+    for ratio in (0.15, 0.2, 0.3, 1.0)
+  },
   "k32": {"num_tangents": 32},
   # Adam + BPTT at delayed addition's best rate of the reproduction's grid,
   # for reference on the same seeds.
