@@ -8,7 +8,10 @@ diagnostics every step, and lists every step whose training loss exceeds
 ``--threshold`` times the first: its ratio, whether the next-batch check
 undid the last step there (``step_reverted``: the last step caused the
 spike) or not (the parameters before the last step were unstable on that
-batch too), and the damping.
+batch too), and the damping. It also records the length of every update,
+so that each spike's last step can be set against the steps before it: a
+trust region relative to recent steps can only stop spikes whose step is
+long next to those.
 
 Usage::
 
@@ -29,18 +32,23 @@ import time
 import _harness
 import jax
 import numpy as np
+import optax
 import reproduce
 import step_control_variants
 
 import sofo_jax
 from sofo_jax import training
 
+# The window of earlier updates a step's length is compared with.
+RECENT_STEPS = 20
+
 
 def trace(task, optimizer, params, batch_keys) -> dict[str, np.ndarray]:
-  """Per-step loss and step-control diagnostics of one run."""
+  """Per-step loss, step-control diagnostics and update lengths of one run."""
   step = training.make_train_step(task, "sofo", optimizer)
 
   def traced(carry, batch_key):
+    before = carry[0]
     carry, loss = step(carry, batch_key)
     diagnostics = sofo_jax.get_diagnostics(carry[1])
     return carry, {
@@ -48,6 +56,8 @@ def trace(task, optimizer, params, batch_keys) -> dict[str, np.ndarray]:
       "damping": diagnostics.damping_parameter,
       "reverted": diagnostics.step_reverted,
       "rejected": diagnostics.step_rejected,
+      "update_norm": optax.tree.norm(optax.tree.sub(carry[0], before)),
+      "params_norm": optax.tree.norm(before),
     }
 
   run = jax.jit(lambda carry, keys: jax.lax.scan(traced, carry, keys)[1])
@@ -55,8 +65,25 @@ def trace(task, optimizer, params, batch_keys) -> dict[str, np.ndarray]:
   return {name: np.asarray(value) for name, value in records.items()}
 
 
+def over_recent(records: dict[str, np.ndarray], index: int) -> float:
+  """Length of update ``index`` over the median of the last accepted ones.
+
+  Accepted updates only (not undone, not rejected), over the
+  :data:`RECENT_STEPS` before ``index``; NaN when there are none.
+  """
+  norms = records["update_norm"]
+  taken = (norms > 0) & ~records["reverted"]
+  window = slice(max(0, index - RECENT_STEPS), index)
+  recent = norms[window][taken[window]]
+  return float(norms[index] / np.median(recent)) if recent.size else float("nan")
+
+
 def spikes(records: dict[str, np.ndarray], threshold: float) -> dict:
-  """Summary of one run's steps with a loss above ``threshold`` × the first."""
+  """Summary of one run's steps with a loss above ``threshold`` × the first.
+
+  For each spike at step ``i`` the update that led to it is step ``i - 1``'s
+  (the loss is measured before step ``i``'s update).
+  """
   loss = records["loss"]
   above = loss > threshold * loss[0]
   longest = current = 0
@@ -64,6 +91,9 @@ def spikes(records: dict[str, np.ndarray], threshold: float) -> dict:
     current = current + 1 if flag else 0
     longest = max(longest, current)
   where = np.flatnonzero(above)
+  accepted = (records["update_norm"] > 0) & ~records["reverted"]
+  ratios = np.array([over_recent(records, i) for i in np.flatnonzero(accepted[1:]) + 1])
+  ratios = ratios[np.isfinite(ratios)]
   return {
     "first_loss": float(loss[0]),
     "final_loss": reproduce.final_loss(loss),
@@ -73,12 +103,28 @@ def spikes(records: dict[str, np.ndarray], threshold: float) -> dict:
     "num_reverted": int(records["reverted"].sum()),
     "num_rejected": int(records["rejected"].sum()),
     "longest_spike_run": longest,
+    # How long accepted updates are next to the ones before them, over the
+    # whole run: the scale a bound relative to recent steps would work on.
+    "accepted_update_over_recent_quantiles": {
+      name: float(value)
+      for name, value in zip(
+        ("50", "90", "99", "max"), np.percentile(ratios, [50, 90, 99, 100])
+      )
+    }
+    if ratios.size
+    else None,
     "spikes": [
       {
         "step": int(i),
         "over_first": float(loss[i] / loss[0]),
         "reverted": bool(records["reverted"][i]),
         "damping": float(records["damping"][i]),
+        "last_update_over_recent": over_recent(records, i - 1) if i else None,
+        "last_update_over_params": float(
+          records["update_norm"][i - 1] / records["params_norm"][i - 1]
+        )
+        if i
+        else None,
       }
       for i in where
     ],

@@ -230,6 +230,10 @@ def test_spike_trace_quick(tmp_path):
   assert run["num_spikes"] == run["longest_spike_run"] == len(run["spikes"]) == 20
   assert run["num_reverted_at_spikes"] == run["num_reverted"]
   assert run["max_over_first"] >= 1.0 and math.isfinite(run["final_loss"])
+  quantiles = run["accepted_update_over_recent_quantiles"]
+  assert 0 < quantiles["50"] <= quantiles["90"] <= quantiles["99"] <= quantiles["max"]
+  assert run["spikes"][0]["last_update_over_params"] is None  # no step before the first
+  assert all(spike["last_update_over_params"] >= 0 for spike in run["spikes"][1:])
 
 
 def test_neurogym_check_quick(tmp_path):
