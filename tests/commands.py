@@ -21,16 +21,11 @@ def cpu_devices_env(count: int) -> dict[str, str]:
   """The environment for a child process whose JAX sees ``count`` CPU devices.
 
   JAX reads these flags once, when it starts, so tests that need several
-  devices run in a subprocess. XLA's expensive optimisations are off: the
-  programs are tiny, and compile time dominates.
+  devices run in a subprocess. The child keeps the fast-compile flags that
+  ``conftest.py`` puts in this process's environment.
   """
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env["XLA_FLAGS"] = " ".join(
-    [
-      env.get("XLA_FLAGS", ""),
-      f"--xla_force_host_platform_device_count={count}",
-      "--xla_backend_optimization_level=0",
-      "--xla_llvm_disable_expensive_passes=true",
-    ]
+    [env.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={count}"]
   ).strip()
   return env

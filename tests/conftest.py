@@ -5,7 +5,8 @@ import os
 # The test problems are tiny, so compiling dominates their time. XLA reads
 # these flags when its backend starts, which no test module's import does;
 # child processes (the scripts, notebooks and multi-device checks the tests
-# launch) inherit them. They change how XLA optimises, not what it computes.
+# launch) inherit them. They change how XLA optimises (so results may differ
+# in the last bits), not what it computes.
 _FAST_COMPILE = (
   "--xla_backend_optimization_level=0",
   "--xla_llvm_disable_expensive_passes=true",
@@ -15,8 +16,8 @@ os.environ["XLA_FLAGS"] = " ".join(
 ).strip()
 
 # pylint: disable=wrong-import-position
-import pytest  # noqa: E402
-import reference  # noqa: E402
+import pytest
+import reference
 
 
 @pytest.fixture

@@ -4,9 +4,9 @@ Each notebook is executed with nbclient in a fresh kernel started from the
 Python running the tests (``sys.executable``), through a kernelspec written to
 a temporary directory: no user- or system-level kernel installation is used
 or needed. The kernel's environment sets ``SOFO_QUICK=1`` (the notebooks'
-small sizes) and lowers XLA's backend optimisation level, which makes the
-many small compilations of a notebook about three times faster and the quick
-runs slower by less than that. The run time of each notebook is printed as
+small sizes) and keeps the fast-compile ``XLA_FLAGS`` of ``conftest.py``,
+which make the many small compilations of a notebook about three times
+faster and the quick runs slower by less than that. The run time of each notebook is printed as
 it finishes and recorded as a junit property.
 
 Requires the ``test`` extra (nbclient, nbformat, ipykernel, matplotlib, tqdm).
@@ -38,14 +38,14 @@ def _kernel_manager(directory: pathlib.Path, sockets: str) -> KernelManager:
   """A kernel manager whose kernel is this interpreter, in quick mode."""
   spec_dir = directory / "kernels" / KERNEL_NAME
   spec_dir.mkdir(parents=True)
-  xla_flags = os.environ.get("XLA_FLAGS", "")
   spec = {
     "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
     "display_name": "sofo_jax notebook test",
     "language": "python",
     "env": {
       "SOFO_QUICK": "1",
-      "XLA_FLAGS": f"{xla_flags} --xla_backend_optimization_level=0".strip(),
+      # conftest.py's fast-compile flags.
+      "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
       "MPLBACKEND": "module://matplotlib_inline.backend_inline",
     },
   }
