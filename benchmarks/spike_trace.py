@@ -11,7 +11,11 @@ spike) or not (the parameters before the last step were unstable on that
 batch too), and the damping. It also records the length of every update,
 so that each spike's last step can be set against the steps before it: a
 trust region relative to recent steps can only stop spikes whose step is
-long next to those.
+long next to those. And it records the largest eigenvalue of the sketched
+Gauss–Newton matrix, which jumps by orders of magnitude on batches that
+bring the network near an instability: the trace counts such jumps
+without a spike and how many of them a spike followed, to tell whether
+they warn of one.
 
 Usage::
 
@@ -39,8 +43,12 @@ import step_control_variants
 import sofo_jax
 from sofo_jax import training
 
-# The window of earlier updates a step's length is compared with.
+# The window of earlier updates a step's length is compared with, and of
+# later steps in which a spike counts as following a curvature jump.
 RECENT_STEPS = 20
+# A curvature jump: the largest sketched Gauss–Newton eigenvalue above this
+# many times its median over the run.
+CURVATURE_JUMP = 100.0
 
 
 def trace(task, optimizer, params, batch_keys) -> dict[str, np.ndarray]:
@@ -56,6 +64,7 @@ def trace(task, optimizer, params, batch_keys) -> dict[str, np.ndarray]:
       "damping": diagnostics.damping_parameter,
       "reverted": diagnostics.step_reverted,
       "rejected": diagnostics.step_rejected,
+      "max_eigenvalue": diagnostics.max_eigenvalue,
       "update_norm": optax.tree.norm(optax.tree.sub(carry[0], before)),
       "params_norm": optax.tree.norm(before),
     }
@@ -94,6 +103,8 @@ def spikes(records: dict[str, np.ndarray], threshold: float) -> dict:
   accepted = (records["update_norm"] > 0) & ~records["reverted"]
   ratios = np.array([over_recent(records, i) for i in np.flatnonzero(accepted[1:]) + 1])
   ratios = ratios[np.isfinite(ratios)]
+  curvature = records["max_eigenvalue"] / np.median(records["max_eigenvalue"])
+  jumps = np.flatnonzero((curvature > CURVATURE_JUMP) & ~above)
   return {
     "first_loss": float(loss[0]),
     "final_loss": reproduce.final_loss(loss),
@@ -113,6 +124,12 @@ def spikes(records: dict[str, np.ndarray], threshold: float) -> dict:
     }
     if ratios.size
     else None,
+    # Steps without a spike whose curvature jumped, and how many of those
+    # a spike followed within RECENT_STEPS steps.
+    "num_curvature_jumps": int(jumps.size),
+    "curvature_jumps_followed_by_spike": int(
+      sum(above[j + 1 : j + 1 + RECENT_STEPS].any() for j in jumps)
+    ),
     "spikes": [
       {
         "step": int(i),
@@ -120,6 +137,10 @@ def spikes(records: dict[str, np.ndarray], threshold: float) -> dict:
         "reverted": bool(records["reverted"][i]),
         "damping": float(records["damping"][i]),
         "last_update_over_recent": over_recent(records, i - 1) if i else None,
+        # The largest curvature over the run's median in the steps before.
+        "curvature_jump_before": float(curvature[max(0, i - RECENT_STEPS) : i].max())
+        if i
+        else None,
         "last_update_over_params": float(
           records["update_norm"][i - 1] / records["params_norm"][i - 1]
         )

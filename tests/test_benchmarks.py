@@ -234,6 +234,9 @@ def test_spike_trace_quick(tmp_path):
   assert 0 < quantiles["50"] <= quantiles["90"] <= quantiles["99"] <= quantiles["max"]
   assert run["spikes"][0]["last_update_over_params"] is None  # no step before the first
   assert all(spike["last_update_over_params"] >= 0 for spike in run["spikes"][1:])
+  # Every step is a spike, so no curvature jump is without one.
+  assert run["num_curvature_jumps"] == run["curvature_jumps_followed_by_spike"] == 0
+  assert all(spike["curvature_jump_before"] > 0 for spike in run["spikes"][1:])
 
 
 def test_neurogym_check_quick(tmp_path):
