@@ -38,8 +38,6 @@ VARIANTS = {
   "min_rho_0.5": {"step_control": sofo_jax.StepControl(min_rho=0.5)},
   # A trust region: no step longer than a tenth of the parameters' norm.
   "max_step_ratio_0.1": {"step_control": sofo_jax.StepControl(max_step_ratio=0.1)},
-  # A damping floor of 1e-5 (the default is 1e-6).
-  "min_damping_1e-5": {"step_control": sofo_jax.StepControl(min_damping=1e-5)},
 }
 HELD_OUT_SEED = 2024
 HELD_OUT_BATCHES = 8

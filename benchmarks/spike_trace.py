@@ -74,6 +74,11 @@ def trace(task, optimizer, params, batch_keys) -> dict[str, np.ndarray]:
   return {name: np.asarray(value) for name, value in records.items()}
 
 
+def recent(index: int) -> slice:
+  """The :data:`RECENT_STEPS` steps before step ``index``."""
+  return slice(max(0, index - RECENT_STEPS), index)
+
+
 def over_recent(records: dict[str, np.ndarray], index: int) -> float:
   """Length of update ``index`` over the median of the last accepted ones.
 
@@ -82,17 +87,36 @@ def over_recent(records: dict[str, np.ndarray], index: int) -> float:
   """
   norms = records["update_norm"]
   taken = (norms > 0) & ~records["reverted"]
-  window = slice(max(0, index - RECENT_STEPS), index)
-  recent = norms[window][taken[window]]
-  return float(norms[index] / np.median(recent)) if recent.size else float("nan")
+  window = recent(index)
+  lengths = norms[window][taken[window]]
+  return float(norms[index] / np.median(lengths)) if lengths.size else float("nan")
+
+
+def before_spike(
+  records: dict[str, np.ndarray], curvature: np.ndarray, index: int
+) -> dict:
+  """The update that led to the spike at ``index``, and the steps before it.
+
+  That update is step ``index - 1``'s (a step's loss is measured before its
+  update); all None for a spike at the first step.
+  """
+  if index == 0:
+    return dict.fromkeys(
+      ("last_update_over_recent", "last_update_over_params", "curvature_jump_before")
+    )
+  last = index - 1
+  return {
+    "last_update_over_recent": over_recent(records, last),
+    "last_update_over_params": float(
+      records["update_norm"][last] / records["params_norm"][last]
+    ),
+    # The largest curvature over the run's median in the steps before.
+    "curvature_jump_before": float(curvature[recent(index)].max()),
+  }
 
 
 def spikes(records: dict[str, np.ndarray], threshold: float) -> dict:
-  """Summary of one run's steps with a loss above ``threshold`` × the first.
-
-  For each spike at step ``i`` the update that led to it is step ``i - 1``'s
-  (the loss is measured before step ``i``'s update).
-  """
+  """Summary of one run's steps with a loss above ``threshold`` × the first."""
   loss = records["loss"]
   above = loss > threshold * loss[0]
   longest = current = 0
@@ -136,16 +160,7 @@ def spikes(records: dict[str, np.ndarray], threshold: float) -> dict:
         "over_first": float(loss[i] / loss[0]),
         "reverted": bool(records["reverted"][i]),
         "damping": float(records["damping"][i]),
-        "last_update_over_recent": over_recent(records, i - 1) if i else None,
-        # The largest curvature over the run's median in the steps before.
-        "curvature_jump_before": float(curvature[max(0, i - RECENT_STEPS) : i].max())
-        if i
-        else None,
-        "last_update_over_params": float(
-          records["update_norm"][i - 1] / records["params_norm"][i - 1]
-        )
-        if i
-        else None,
+        **before_spike(records, curvature, i),
       }
       for i in where
     ],

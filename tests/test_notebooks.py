@@ -6,8 +6,8 @@ a temporary directory: no user- or system-level kernel installation is used
 or needed. The kernel's environment sets ``SOFO_QUICK=1`` (the notebooks'
 small sizes) and keeps the fast-compile ``XLA_FLAGS`` of ``conftest.py``,
 which make the many small compilations of a notebook about three times
-faster and the quick runs slower by less than that. The run time of each notebook is printed as
-it finishes and recorded as a junit property.
+faster and the quick runs slower by less than that. The run time of each
+notebook is printed as it finishes and recorded as a junit property.
 
 Requires the ``test`` extra (nbclient, nbformat, ipykernel, matplotlib, tqdm).
 """
