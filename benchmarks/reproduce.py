@@ -59,6 +59,8 @@ TASKS = ("flip_flop", "lorenz", "delayed_addition", "kalman", "double_reach")
 STEPS = {"double_reach": 1500}
 DEFAULT_STEPS = 1000
 NUM_TANGENTS = 128
+# --quick: the tasks' tiny quick configurations, a smoke test of the script.
+QUICK_NUM_TANGENTS = 8
 SEEDS = (0, 1, 2)
 # The paper's fixed damping and the tuned SOFO run on the first seed only: on
 # a 2-core CPU three seeds of every SOFO variant at K = 128 would take hours.
@@ -510,7 +512,7 @@ def main(argv=None) -> int:
     return 0
   global NUM_TANGENTS
   if args.quick:
-    NUM_TANGENTS = 8
+    NUM_TANGENTS = QUICK_NUM_TANGENTS
   out = _harness.output_path(args.output, "reproduction.json", args.quick)
   out.parent.mkdir(parents=True, exist_ok=True)
   payload = {

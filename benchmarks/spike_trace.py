@@ -176,6 +176,8 @@ def main(argv=None) -> int:
   parser.add_argument("--threshold", type=float, default=3.0)
   parser.add_argument("--output", default=None)
   args = parser.parse_args(argv)
+  if args.quick:
+    reproduce.NUM_TANGENTS = reproduce.QUICK_NUM_TANGENTS
   out = _harness.output_path(args.output, "spike_trace.json", args.quick)
   module = reproduce.tasks_lib.TASKS[args.task]
   plan = reproduce._suite.plans("quick" if args.quick else "cpu")[args.task]

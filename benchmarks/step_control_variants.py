@@ -167,6 +167,8 @@ def main(argv=None) -> int:
     help="add to the existing output instead of replacing it",
   )
   args = parser.parse_args(argv)
+  if args.quick:
+    reproduce.NUM_TANGENTS = reproduce.QUICK_NUM_TANGENTS
   out = _harness.output_path(args.output, "step_control_variants.json", args.quick)
   payload = {
     "command": "python "

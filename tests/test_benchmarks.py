@@ -239,6 +239,32 @@ def test_spike_trace_quick(tmp_path):
   assert all(spike["curvature_jump_before"] > 0 for spike in run["spikes"][1:])
 
 
+def test_double_reach_scale_quick(tmp_path):
+  payload = _run_script(
+    "double_reach_scale.py", tmp_path / "scale.json", "--seeds", "0,1"
+  )
+  methods = payload["methods"]
+  assert list(methods) == ["sofo_defaults", "adam", "adam_longer"]
+  for figures in methods.values():
+    assert len(figures["final_loss_per_seed"]) == 2
+    assert len(figures["reach_errors_per_seed_m"]) == 2
+    assert all(ratio >= 1.0 for ratio in figures["max_over_first_per_seed"])
+    first, second = figures["reach_error_1_m"], figures["reach_error_2_m"]
+    # The verdict follows the errors and the 2 cm tolerance.
+    assert figures["double_reach_produced"] == (first < 0.02 and second < 0.02)
+  assert methods["adam_longer"]["steps"] == 5 * payload["steps"]
+  assert (tmp_path / "scale.png").stat().st_size > 0
+
+  payload = _run_script(
+    "double_reach_scale.py",
+    tmp_path / "variant.json",
+    "--sofo-variant",
+    "step_ratio",
+    "--no-adam",
+  )
+  assert list(payload["methods"]) == ["sofo_step_ratio"]
+
+
 def test_neurogym_check_quick(tmp_path):
   pytest.importorskip("neurogym")
   payload = _run_script(
