@@ -103,7 +103,8 @@ def main(argv=None) -> int:
     num_tangents, steps = NUM_TANGENTS, args.steps
   config = dataclasses.replace(config, num_tangents=num_tangents)
   task = double_reach.make(config)
-  reproduce.NUM_TANGENTS = num_tangents  # read by reproduce.sofo_defaults
+  # Read by step_control_variants.make_optimizer when it builds SOFO.
+  reproduce.NUM_TANGENTS = num_tangents
   seeds = tuple(int(seed) for seed in args.seeds.split(","))
   out = _harness.output_path(args.output, "double_reach_scale.json", args.quick)
   payload = {
