@@ -48,19 +48,14 @@ ADAM_GRID = (3e-4, 1e-3, 3e-3, 1e-2)
 
 
 def verdict(task, params) -> dict:
-  """Mean reach errors (m) over fixed batches and seeds, and the verdict."""
+  """Reach errors (m) on fixed batches, per seed and averaged, and the verdict."""
   errors = reproduce.evaluate(task, params)
-  first = sum(errors["reach_error_1"]) / len(errors["reach_error_1"])
-  second = sum(errors["reach_error_2"]) / len(errors["reach_error_2"])
-  tolerance = reproduce.REACH_TOLERANCE
   return {
-    "reach_error_1_m": first,
-    "reach_error_2_m": second,
+    **reproduce.reach_verdict(errors),
     "reach_errors_per_seed_m": list(
       zip(errors["reach_error_1"], errors["reach_error_2"])
     ),
     "eval_loss": errors["loss"],
-    "double_reach_produced": first < tolerance and second < tolerance,
   }
 
 
@@ -68,11 +63,10 @@ def summary(task, losses, params, seconds_per_step, **extra) -> dict:
   """One method's figures: losses over seeds, the verdict and the time."""
   return {
     **extra,
-    "final_loss": reproduce.final_loss(losses),
-    "final_loss_per_seed": [reproduce.final_loss(run) for run in losses],
+    # Final losses and the largest loss over the first, as for every variant.
+    **step_control_variants.summary(losses),
     "curve": reproduce.curve(losses),
     # The issue's blow-up test: training losses above 3x the first.
-    "max_over_first_per_seed": [float(np.nanmax(run / run[0])) for run in losses],
     "steps_above_3x_first_per_seed": [int(np.sum(run > 3 * run[0])) for run in losses],
     "seconds_per_step": seconds_per_step,
     **verdict(task, params),

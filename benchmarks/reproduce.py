@@ -340,20 +340,22 @@ def params_at(stacked, index: int):
   return jax.tree.map(lambda x: x[index], stacked)
 
 
+def reach_verdict(errors: dict) -> dict:
+  """Mean reach errors (m) over seeds of :func:`evaluate`'s metrics, and the verdict."""
+  first = float(np.mean(errors["reach_error_1"]))
+  second = float(np.mean(errors["reach_error_2"]))
+  return {
+    "reach_error_1_m": first,
+    "reach_error_2_m": second,
+    "double_reach_produced": first < REACH_TOLERANCE and second < REACH_TOLERANCE,
+  }
+
+
 def double_reach_verdict(task, result: dict) -> dict:
-  verdict = {}
-  for method in ("sofo_defaults", "sofo_tuned", "adam"):
-    errors = result[method]["eval"]
-    first, second = (
-      float(np.mean(errors["reach_error_1"])),
-      float(np.mean(errors["reach_error_2"])),
-    )
-    verdict[method] = {
-      "reach_error_1_m": first,
-      "reach_error_2_m": second,
-      "double_reach_produced": first < REACH_TOLERANCE and second < REACH_TOLERANCE,
-    }
-  return verdict
+  return {
+    method: reach_verdict(result[method]["eval"])
+    for method in ("sofo_defaults", "sofo_tuned", "adam")
+  }
 
 
 def plot(payload: dict, path: Path) -> None:
