@@ -50,6 +50,8 @@ VARIANTS = {
   "paper_fixed_damping": {"adaptive": False},
   # The defaults before the starting damping became 1.
   "start_damping_1e-4": {"damping": 1e-4},
+  # The defaults before the damping floor became 1e-4.
+  "floor_1e-6": {"step_control": sofo_jax.StepControl(min_damping=1e-6)},
   "no_next_batch_check": {"step_control": sofo_jax.StepControl(revert_ratio=None)},
   "fast_damping_decrease": {"step_control": sofo_jax.StepControl(decrease=0.5)},
   "min_rho": {"step_control": sofo_jax.StepControl(min_rho=0.25)},

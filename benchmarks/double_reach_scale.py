@@ -124,12 +124,8 @@ def main(argv=None) -> int:
       f"{100 * figures['reach_error_2_m']:.1f} cm"
     )
 
-  make, method, settings = step_control_variants.make_optimizer(
-    step_control_variants.VARIANTS[args.sofo_variant]
-  )
-  if method != "sofo":
-    raise ValueError(f"{args.sofo_variant!r} is not a SOFO variant.")
-  losses, params, seconds = reproduce.train(task, make, method, steps, settings, seeds)
+  make, settings = step_control_variants.sofo_variant(args.sofo_variant)
+  losses, params, seconds = reproduce.train(task, make, "sofo", steps, settings, seeds)
   sofo_params = reproduce.params_at(params, 0)
   sofo_name = f"sofo_{args.sofo_variant}"
   record(sofo_name, summary(task, losses[0], sofo_params, seconds))

@@ -195,11 +195,7 @@ def main(argv=None) -> int:
     "runs": {},
   }
   for variant in args.variants.split(","):
-    make, method, settings = step_control_variants.make_optimizer(
-      step_control_variants.VARIANTS[variant]
-    )
-    if method != "sofo":
-      raise ValueError(f"{variant!r} is not a SOFO variant.")
+    make, settings = step_control_variants.sofo_variant(variant)
     for seed in seeds:
       begin = time.perf_counter()
       # The same keys as reproduce.train, so the same initial parameters

@@ -111,6 +111,9 @@ VARIANTS = {
   # (1e-4): on Lorenz the damping sits at the default floor from step ~300
   # on, with rho > 3/4, while the 1e-4 floor spiked the double reach.
   "floor_1e-5": {"step_control": sofo_jax.StepControl(min_damping=1e-5)},
+  # The defaults before the floor became 1e-4 (2026-12-03): every row named
+  # "defaults" in a JSON written before then was measured with this floor.
+  "floor_1e-6": {"step_control": sofo_jax.StepControl(min_damping=1e-6)},
   "k32": {"num_tangents": 32},
   # Adam + BPTT at delayed addition's best rate of the reproduction's grid,
   # for reference on the same seeds.
@@ -133,6 +136,20 @@ def make_optimizer(options: dict):
     return sofo_jax.sofo(learning_rate, num_tangents, key=key, **options)
 
   return make, "sofo", [[0.0]]
+
+
+def sofo_variant(name: str):
+  """``(make, settings)`` for :func:`reproduce.train` of the SOFO variant ``name``.
+
+  Raises:
+    ValueError: if ``name`` is not in :data:`VARIANTS` or is an Adam variant.
+  """
+  if name not in VARIANTS:
+    raise ValueError(f"{name!r} is not one of {sorted(VARIANTS)}.")
+  make, method, settings = make_optimizer(VARIANTS[name])
+  if method != "sofo":
+    raise ValueError(f"{name!r} is not a SOFO variant.")
+  return make, settings
 
 
 def summary(losses: np.ndarray) -> dict:

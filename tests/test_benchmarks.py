@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -237,6 +238,26 @@ def test_spike_trace_quick(tmp_path):
   # Every step is a spike, so no curvature jump is without one.
   assert run["num_curvature_jumps"] == run["curvature_jumps_followed_by_spike"] == 0
   assert all(spike["curvature_jump_before"] > 0 for spike in run["spikes"][1:])
+
+
+def test_double_reach_scale_refuses_an_adam_variant(tmp_path):
+  result = subprocess.run(
+    [
+      sys.executable,
+      str(RUN.parent / "double_reach_scale.py"),
+      "--quick",
+      "--sofo-variant",
+      "adam",
+      "--output",
+      str(tmp_path / "scale.json"),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode != 0
+  assert "'adam' is not a SOFO variant" in result.stderr
+  assert not (tmp_path / "scale.json").exists()
 
 
 def test_double_reach_scale_quick(tmp_path):

@@ -222,6 +222,8 @@ def test_k_above_p_without_damping_is_the_exact_gauss_newton_step(num_tangents):
     key=jax.random.key(1),
     tangent_distribution="orthonormal",
     momentum=False,
+    # No floor either: the default floor would damp the step by 1e-4 s_max.
+    step_control=sofo_jax.StepControl(min_damping=0.0),
   )
   new_params, state, _ = train_step(opt)(PARAMS, opt.init(PARAMS), X, Y)
   np.testing.assert_allclose(new_params["w"], W_TRUE, atol=1e-4)

@@ -91,7 +91,9 @@ def test_rejection_keeps_the_parameters_and_raises_the_damping():
   x = jnp.eye(3)
   loss_fn = lambda p: losses.mse(x @ p["w"], jnp.zeros((3, 1)))
   params = {"w": jnp.ones((3, 1))}
-  control = sofo_jax.StepControl(num_trials=2, trial_growth=2.0, revert_ratio=None)
+  control = sofo_jax.StepControl(
+    num_trials=2, trial_growth=2.0, revert_ratio=None, min_damping=1e-6
+  )
   opt = sofo_jax.sofo(
     50.0,
     3,

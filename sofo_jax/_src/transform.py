@@ -225,7 +225,9 @@ def scale_by_sofo(
       it is the starting damping, adapted every step; ``None`` (default)
       starts at 1, relative to :math:`s_{\\max}`, so the first steps are
       cautious and the damping then falls by the Levenberg–Marquardt rule
-      (see :class:`sofo_jax.StepControl`). Without ``adaptive`` it is the
+      (see :class:`sofo_jax.StepControl`), never below
+      ``StepControl.min_damping`` (1e-4): for undamped Gauss–Newton steps,
+      pass ``StepControl(min_damping=0)`` too. Without ``adaptive`` it is the
       fixed damping (injectable with ``optax.inject_hyperparams``), and
       ``None`` means 1e-4.
     key: PRNG key (``jax.random.key`` or ``jax.random.PRNGKey``); split every
