@@ -35,6 +35,8 @@ VARIANTS = {
   "defaults": {},
   # The defaults before the starting damping became 1.
   "start_damping_1e-4": {"damping": 1e-4},
+  # The defaults before the damping floor became 1e-4.
+  "floor_1e-6": {"step_control": sofo_jax.StepControl(min_damping=1e-6)},
   "min_rho_0.5": {"step_control": sofo_jax.StepControl(min_rho=0.5)},
   # A trust region: no step longer than a tenth of the parameters' norm.
   "max_step_ratio_0.1": {"step_control": sofo_jax.StepControl(max_step_ratio=0.1)},
