@@ -283,3 +283,24 @@ def test_default_damping_depends_on_the_mode(adaptive, damping, expected):
   rungs = np.log10(used / expected) if adaptive else 0.0
   np.testing.assert_allclose(rungs, np.round(rungs), atol=1e-5)
   assert 0 <= round(rungs) < 3
+
+
+@pytest.mark.parametrize(
+  "step_control, expected",
+  [(None, 1e-4), (sofo_jax.StepControl(min_damping=1e-6), 1e-6)],
+)
+def test_damping_never_falls_below_the_floor(step_control, expected):
+  """The floor is 1e-4 by default: a lower starting damping is raised to it,
+  and the Levenberg–Marquardt decrease after a perfect step stops there."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)
+  y = jnp.asarray(rng.normal(size=(8, 1)), jnp.float32)
+  loss_fn = lambda p: losses.mse(x @ p["w"], y)  # a quadratic: rho = 1
+  params = {"w": jnp.zeros((3, 1))}
+  options = {} if step_control is None else {"step_control": step_control}
+  opt = sofo_jax.sofo(1.0, 3, 1e-8, key=jax.random.key(0), momentum=False, **options)
+  _, state = opt.update(None, opt.init(params), params, loss_fn=loss_fn)
+  diagnostics = sofo_jax.get_diagnostics(state)
+  assert not diagnostics.step_rejected
+  assert float(diagnostics.damping_parameter) == pytest.approx(expected)
+  assert float(sofo_jax.get_state(state).damping) == pytest.approx(expected)
