@@ -112,9 +112,9 @@ class StepControl:
       not accepted (no bound when the parameters are zero). ``None`` (the
       default) sets no bound. 0.1 removed the late fresh-batch spikes of a
       ReLU RNN on the Kalman task (none on six seeds, against four at the
-      old damping floor of :math:`10^{-6}` and one at the current one); it is not the default because a bound relative to
-      the parameters' norm also slows problems whose optimum is far from
-      the start, or near zero (``benchmarks/README.md``, "Late spikes").
+      old damping floor of :math:`10^{-6}` and one at the current one); it
+      is not the default because a bound relative to the parameters' norm
+      also slows problems whose optimum is far from the start, or near zero (``benchmarks/README.md``, "Late spikes").
 
   Example:
     >>> import sofo_jax
