@@ -88,11 +88,11 @@ class StepControl:
       paper's fixed damping, not lower: on Lorenz at K = 128 the damping
       otherwise reaches the floor within a few hundred steps and stays there,
       every step well predicted on its own batch. Against a floor of
-      :math:`10^{-6}` it halved Lorenz's final loss (lower on all six
-      seeds), cut the Kalman runs with a late spike from four of six to
-      one, and on the double reach kept every one of eight runs trained
-      (the lower floor left two of eight at 30 and 300 times the final
-      loss of the others); flip-flop ended 6% higher, delayed addition
+      :math:`10^{-6}` it halved Lorenz's final loss (lower on five seeds
+      of six, level on the sixth), cut the Kalman runs with a late spike
+      from four of six to one, and on the double reach kept every one of
+      eight runs trained (the lower floor left two of eight at 30 and 300
+      times the final loss of the others); flip-flop ended 6% higher, delayed addition
       level (``benchmarks/README.md``, "The damping floor"). Pass 0 for a
       deterministic problem that should converge to round-off (full-batch
       least squares): its last steps are then exact Gauss–Newton steps.
