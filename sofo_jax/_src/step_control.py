@@ -92,10 +92,11 @@ class StepControl:
       of six, level on the sixth), cut the Kalman runs with a late spike
       from four of six to one, and on the double reach kept every one of
       eight runs trained (the lower floor left two of eight at 30 and 300
-      times the final loss of the others); flip-flop ended 6% higher, delayed addition
-      level (``benchmarks/README.md``, "The damping floor"). Pass 0 for a
-      deterministic problem that should converge to round-off (full-batch
-      least squares): its last steps are then exact Gauss–Newton steps.
+      times the final loss of the others); flip-flop ended 6% higher,
+      delayed addition level (``benchmarks/README.md``, "The damping
+      floor"). Pass 0 for a deterministic problem that should converge to
+      round-off (full-batch least squares): its last steps are then exact
+      Gauss–Newton steps.
     max_damping: ceiling of the damping.
     revert_ratio: the check on the next batch. Each update first evaluates
       the loss, on its own (new) batch, at the parameters before the last
@@ -114,7 +115,8 @@ class StepControl:
       ReLU RNN on the Kalman task (none on six seeds, against four at the
       old damping floor of :math:`10^{-6}` and one at the current one); it
       is not the default because a bound relative to the parameters' norm
-      also slows problems whose optimum is far from the start, or near zero (``benchmarks/README.md``, "Late spikes").
+      also slows problems whose optimum is far from the start, or near
+      zero (``benchmarks/README.md``, "Late spikes").
 
   Example:
     >>> import sofo_jax
