@@ -17,6 +17,15 @@ bring the network near an instability: the trace counts such jumps
 without a spike and how many of them a spike followed, to tell whether
 they warn of one.
 
+On the tasks in :data:`PER_EXAMPLE` it also records each example's loss on
+the step's own batch before and after the update. A spike comes from a
+fresh batch whose inputs push the network across an instability; if the
+update that led there already raised the loss of a few examples of its own
+batch sharply (while the mean fell), a check on the worst example could
+refuse it. The trace sets that worst ratio before each spike against its
+distribution over all accepted updates, and records how much of a spiking
+batch's loss sits in its worst example.
+
 Usage::
 
     python benchmarks/spike_trace.py                          # Kalman, 3 seeds, ~10 min
@@ -43,6 +52,28 @@ import step_control_variants
 import sofo_jax
 from sofo_jax import training
 
+
+def _double_reach_per_example(outputs: dict) -> jax.Array:
+  """Each trial's weighted squared hand error, summed over time."""
+  error = jax.numpy.sum(
+    jax.numpy.square(outputs["hand_position"] - outputs["target_position"]), -1
+  ) + jax.numpy.sum(jax.numpy.square(outputs["hand_velocity"]), -1)
+  return jax.numpy.sum(outputs["weight"] * error, 0)
+
+
+def _kalman_per_example(outputs: dict) -> jax.Array:
+  """Each trial's squared estimation error, summed over time."""
+  error = jax.numpy.square(outputs["estimates"] - outputs["latent"])
+  return jax.numpy.sum(error, (0, 2))
+
+
+# Per-example losses (up to one constant factor per task, which ratios do
+# not see), from the task's ``outputs``.
+PER_EXAMPLE = {
+  "double_reach": _double_reach_per_example,
+  "kalman": _kalman_per_example,
+}
+
 # The window of earlier updates a step's length is compared with, and of
 # later steps in which a spike counts as following a curvature jump.
 RECENT_STEPS = 20
@@ -54,12 +85,27 @@ CURVATURE_JUMP = 100.0
 def trace(task, optimizer, params, batch_keys) -> dict[str, np.ndarray]:
   """Per-step loss, step-control diagnostics and update lengths of one run."""
   step = training.make_train_step(task, "sofo", optimizer)
+  per_example = PER_EXAMPLE.get(task.name)
+
+  def example_losses(params, batch_key):
+    return per_example(task.outputs(params, task.sample_batch(batch_key)))
 
   def traced(carry, batch_key):
     before = carry[0]
     carry, loss = step(carry, batch_key)
     diagnostics = sofo_jax.get_diagnostics(carry[1])
+    examples = {}
+    if per_example is not None:
+      old = example_losses(before, batch_key)
+      new = example_losses(carry[0], batch_key)
+      examples = {
+        # The update's worst effect on one example of its own batch.
+        "worst_example_ratio": jax.numpy.max(new / old),
+        # How much of this batch's loss (before the update) one example holds.
+        "worst_example_share": jax.numpy.max(old) / jax.numpy.sum(old),
+      }
     return carry, {
+      **examples,
       "loss": loss,
       "damping": diagnostics.damping_parameter,
       "reverted": diagnostics.step_reverted,
@@ -154,6 +200,7 @@ def spikes(records: dict[str, np.ndarray], threshold: float) -> dict:
     "curvature_jumps_followed_by_spike": int(
       sum(above[j + 1 : j + 1 + RECENT_STEPS].any() for j in jumps)
     ),
+    **worst_example_summary(records, accepted),
     "spikes": [
       {
         "step": int(i),
@@ -161,9 +208,45 @@ def spikes(records: dict[str, np.ndarray], threshold: float) -> dict:
         "reverted": bool(records["reverted"][i]),
         "damping": float(records["damping"][i]),
         **before_spike(records, curvature, i),
+        **worst_example_at(records, accepted, i),
       }
       for i in where
     ],
+  }
+
+
+def worst_example_summary(records: dict[str, np.ndarray], accepted: np.ndarray) -> dict:
+  """Quantiles of the worst per-example ratio over all accepted updates."""
+  if "worst_example_ratio" not in records:
+    return {}
+  ratios = records["worst_example_ratio"][accepted]
+  shares = records["worst_example_share"]
+  return {
+    "worst_example_ratio_quantiles": dict(
+      zip(("50", "90", "99", "max"), np.percentile(ratios, [50, 90, 99, 100]).tolist())
+    ),
+    "worst_example_share_quantiles": dict(
+      zip(("50", "90", "99", "max"), np.percentile(shares, [50, 90, 99, 100]).tolist())
+    ),
+  }
+
+
+def worst_example_at(
+  records: dict[str, np.ndarray], accepted: np.ndarray, index: int
+) -> dict:
+  """The worst per-example ratio of the update before spike ``index``.
+
+  With its percentile among all accepted updates (100: the largest of the
+  run), and the share of the spiking batch's loss in its worst example.
+  """
+  if "worst_example_ratio" not in records or index == 0:
+    return {}
+  ratio = records["worst_example_ratio"][index - 1]
+  others = records["worst_example_ratio"][accepted]
+  return {
+    "worst_example_ratio_before": float(ratio),
+    "worst_example_ratio_percentile": float(100.0 * np.mean(others <= ratio)),
+    "worst_example_share": float(records["worst_example_share"][index]),
   }
 
 

@@ -24,6 +24,8 @@ X = jnp.asarray(RNG.normal(size=(16, 3)), jnp.float32)
 W_TRUE = jnp.asarray([[1.0], [-2.0], [0.5]])
 Y = X @ W_TRUE
 PARAMS = {"w": jnp.zeros((3, 1)), "b": jnp.zeros((1,))}
+# Step control without its damping floor, for the tests that ask for damping 0.
+NO_FLOOR = sofo_jax.StepControl(min_damping=0.0)
 
 
 def linear(p, x):
@@ -163,7 +165,7 @@ def test_float16_overflow_is_rejected_by_step_control():
   loss_fn = lambda p: losses.custom(
     p["w"].astype(jnp.float32), lambda w: 1e5 * jnp.sum(w) + 1e-6 * jnp.sum(w**2)
   )
-  opt = sofo_jax.sofo(1.0, 2, 0.0, key=jax.random.key(0))
+  opt = sofo_jax.sofo(1.0, 2, 0.0, key=jax.random.key(0), step_control=NO_FLOOR)
   state = opt.init(params)
   updates, state = jax.jit(lambda p, s: opt.update(None, s, p, loss_fn=loss_fn))(
     params, state
@@ -196,7 +198,9 @@ def test_zero_gradient_gives_an_exact_zero_step(name):
 @pytest.mark.parametrize("relative", [True, False])
 def test_all_zero_sketch_with_zero_damping(relative):
   """A loss that ignores the params: G = 0, g = 0 and damping 0, so 0/0."""
-  opt = sofo_jax.sofo(1.0, 3, 0.0, key=jax.random.key(0), relative_damping=relative)
+  opt = sofo_jax.sofo(
+    1.0, 3, 0.0, key=jax.random.key(0), relative_damping=relative, step_control=NO_FLOOR
+  )
   loss_fn = lambda p: losses.mse(Y, jnp.zeros_like(Y))
   state = opt.init(PARAMS)
   updates, state = jax.jit(lambda s: opt.update(None, s, PARAMS, loss_fn=loss_fn))(
@@ -223,7 +227,7 @@ def test_k_above_p_without_damping_is_the_exact_gauss_newton_step(num_tangents):
     tangent_distribution="orthonormal",
     momentum=False,
     # No floor either: the default floor would damp the step by 1e-4 s_max.
-    step_control=sofo_jax.StepControl(min_damping=0.0),
+    step_control=NO_FLOOR,
   )
   new_params, state, _ = train_step(opt)(PARAMS, opt.init(PARAMS), X, Y)
   np.testing.assert_allclose(new_params["w"], W_TRUE, atol=1e-4)
@@ -249,7 +253,12 @@ def test_outputs_independent_of_some_params_with_tiny_damping(distribution, damp
   residual = np.linalg.lstsq(design, np.asarray(y), rcond=None)[1][0]
   best = residual / len(X)
   opt = sofo_jax.sofo(
-    1.0, 8, damping, key=jax.random.key(2), tangent_distribution=distribution
+    1.0,
+    8,
+    damping,
+    key=jax.random.key(2),
+    tangent_distribution=distribution,
+    step_control=NO_FLOOR,
   )
   step = train_step(opt)
   state = opt.init(params)
@@ -265,7 +274,7 @@ def test_outputs_independent_of_some_params_with_tiny_damping(distribution, damp
 def test_zero_damping_never_increases_a_quadratic():
   """Damping 0, K < P: each step minimises the quadratic in its subspace."""
   params = {"w": jnp.zeros((3, 1)), "b": jnp.zeros((1,))}
-  opt = sofo_jax.sofo(1.0, 2, 0.0, key=jax.random.key(3))
+  opt = sofo_jax.sofo(1.0, 2, 0.0, key=jax.random.key(3), step_control=NO_FLOOR)
   step = train_step(opt)
   state = opt.init(params)
   previous = float(good_loss(params).value)

@@ -186,6 +186,8 @@ def make_optimizer(name, num_tangents, damping, relative, distribution, mask):
       num_tangents,
       damping,
       key=key,
+      # Without a floor, so that the drawn damping (0 included) is the one used.
+      step_control=sofo_jax.StepControl(min_damping=0.0),
       relative_damping=relative,
       tangent_distribution=distribution,
       mask=mask,

@@ -1,5 +1,7 @@
 """Adaptive step control: acceptance, rejection, the next-batch check, defaults."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import models
@@ -28,7 +30,7 @@ def _rnn_problem(seed):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_an_accepted_step_never_increases_its_own_batch_loss(seed, learning_rate):
   params, loss_fn = _rnn_problem(seed)
-  opt = sofo_jax.sofo(learning_rate, 4, 1e-6, key=jax.random.key(seed))
+  opt = sofo_jax.sofo(learning_rate, 4, 1e-4, key=jax.random.key(seed))
   state = opt.init(params)
   step = jax.jit(lambda p, s: opt.update(None, s, p, loss_fn=loss_fn))
   value = jax.jit(lambda p: loss_fn(p).value)
@@ -212,7 +214,7 @@ def test_momentum_tangent_is_the_last_update():
   y = x @ jnp.array([[1.0], [-2.0], [0.5]])
   loss_fn = lambda p: losses.mse(x @ p["w"], y)
   params = {"w": jnp.zeros((3, 1))}
-  opt = sofo_jax.sofo(1.0, 2, 1e-6, key=jax.random.key(0), momentum=True)
+  opt = sofo_jax.sofo(1.0, 2, 1e-4, key=jax.random.key(0), momentum=True)
   state = opt.init(params)
   first, state = opt.update(None, state, params, loss_fn=loss_fn)
   np.testing.assert_allclose(
@@ -286,6 +288,21 @@ def test_default_damping_depends_on_the_mode(adaptive, damping, expected):
 
 
 @pytest.mark.parametrize(
+  "damping, options",
+  [
+    (1e-4, {}),  # at the floor
+    (None, {}),  # the default start, 1
+    (0.0, {"step_control": sofo_jax.StepControl(min_damping=0.0)}),
+    (1e-6, {"adaptive": False}),  # no floor without step control
+  ],
+)
+def test_no_warning_when_the_damping_is_not_below_the_floor(damping, options):
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    sofo_jax.sofo(1.0, 2, damping, key=jax.random.key(0), **options)
+
+
+@pytest.mark.parametrize(
   "step_control, expected",
   [(None, 1e-4), (sofo_jax.StepControl(min_damping=1e-6), 1e-6)],
 )
@@ -298,7 +315,8 @@ def test_damping_never_falls_below_the_floor(step_control, expected):
   loss_fn = lambda p: losses.mse(x @ p["w"], y)  # a quadratic: rho = 1
   params = {"w": jnp.zeros((3, 1))}
   options = {} if step_control is None else {"step_control": step_control}
-  opt = sofo_jax.sofo(1.0, 3, 1e-8, key=jax.random.key(0), momentum=False, **options)
+  with pytest.warns(UserWarning, match="below StepControl.min_damping"):
+    opt = sofo_jax.sofo(1.0, 3, 1e-8, key=jax.random.key(0), momentum=False, **options)
   _, state = opt.update(None, opt.init(params), params, loss_fn=loss_fn)
   diagnostics = sofo_jax.get_diagnostics(state)
   assert not diagnostics.step_rejected

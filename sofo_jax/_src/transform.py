@@ -226,8 +226,9 @@ def scale_by_sofo(
       starts at 1, relative to :math:`s_{\\max}`, so the first steps are
       cautious and the damping then falls by the Levenberg–Marquardt rule
       (see :class:`sofo_jax.StepControl`), never below
-      ``StepControl.min_damping`` (1e-4): for undamped Gauss–Newton steps,
-      pass ``StepControl(min_damping=0)`` too. Without ``adaptive`` it is the
+      ``StepControl.min_damping`` (1e-4): a lower starting damping is
+      raised to it, with a warning; for undamped Gauss–Newton steps, pass
+      ``StepControl(min_damping=0)`` too. Without ``adaptive`` it is the
       fixed damping (injectable with ``optax.inject_hyperparams``), and
       ``None`` means 1e-4.
     key: PRNG key (``jax.random.key`` or ``jax.random.PRNGKey``); split every
@@ -309,7 +310,7 @@ def scale_by_sofo(
     >>> params = {"w": jnp.zeros((3, 1))}
     >>> loss_fn = lambda p: sofo_jax.losses.mse(x @ p["w"], y)
     >>> opt = optax.chain(
-    ...     sofo_jax.scale_by_sofo(3, 1e-6, key=jax.random.key(0), momentum=False,
+    ...     sofo_jax.scale_by_sofo(3, 1e-4, key=jax.random.key(0), momentum=False,
     ...                            tangent_distribution="orthonormal"),
     ...     optax.scale_by_learning_rate(1.0))
     >>> state = opt.init(params)
@@ -338,6 +339,8 @@ def scale_by_sofo(
     raise TypeError(
       f"step_control must be a sofo_jax.StepControl; got {type(step_control).__name__}."
     )
+  if adaptive:
+    validation.warn_if_below_floor(damping, step_control.min_damping, owner)
   validation.check_learning_rate(learning_rate, owner)
   if momentum is None:  # the paper's optimiser (adaptive=False) has none
     momentum = adaptive and num_tangents >= 2

@@ -42,6 +42,27 @@ def check_damping(damping: Any, owner: str) -> None:
   _check_nonnegative_scalar(damping, "damping", owner, "a real scalar")
 
 
+def warn_if_below_floor(damping: Any, floor: float, owner: str) -> None:
+  """Warns that a concrete starting damping below the floor will be raised.
+
+  Step control never damps below ``StepControl.min_damping``, so a user who
+  asks for less (say the paper's 1e-6, or 0 for undamped steps) would
+  otherwise get the floor without a word.
+  """
+  try:
+    value = float(np.asarray(damping))
+  except jax.errors.TracerArrayConversionError:
+    return
+  if value < floor:
+    warnings.warn(
+      f"{owner}: damping={value:g} is below StepControl.min_damping="
+      f"{floor:g}; step control starts at the floor and never damps less. "
+      "For less damping pass step_control=sofo_jax.StepControl("
+      f"min_damping={value:g}) as well.",
+      stacklevel=3,
+    )
+
+
 def check_learning_rate(learning_rate: Any, owner: str) -> None:
   """Rejects a concrete learning rate that is not a finite scalar >= 0.
 
