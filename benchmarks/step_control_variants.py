@@ -214,8 +214,13 @@ def main(argv=None) -> int:
     for variant in args.variants.split(","):
       begin = time.perf_counter()
       make, method, settings = make_optimizer(VARIANTS[variant])
-      losses, _, _ = reproduce.train(task, make, method, steps, settings, seeds)
+      losses, params, _ = reproduce.train(task, make, method, steps, settings, seeds)
       rows[variant] = summary(losses[0])
+      # The final parameters on the reproduction's fixed evaluation batches:
+      # a run whose last training losses look fine can still end where some
+      # held-out trials drive the network across an instability.
+      held_out = reproduce.evaluate(task, reproduce.params_at(params, 0))
+      rows[variant]["eval_loss_per_seed"] = held_out["loss"]
       rows[variant]["seeds"] = list(seeds)
       rows[variant]["seconds"] = time.perf_counter() - begin
       _harness.log(
