@@ -238,6 +238,12 @@ def test_spike_trace_quick(tmp_path):
   # Every step is a spike, so no curvature jump is without one.
   assert run["num_curvature_jumps"] == run["curvature_jumps_followed_by_spike"] == 0
   assert all(spike["curvature_jump_before"] > 0 for spike in run["spikes"][1:])
+  # Kalman has per-example losses: the worst example's ratio and share.
+  ratios = run["worst_example_ratio_quantiles"]
+  assert 0 < ratios["50"] <= ratios["90"] <= ratios["99"] <= ratios["max"]
+  for spike in run["spikes"][1:]:
+    assert 0 < spike["worst_example_share"] <= 1
+    assert 0 <= spike["worst_example_ratio_percentile"] <= 100
 
 
 def test_double_reach_scale_refuses_an_adam_variant(tmp_path):
@@ -341,3 +347,27 @@ def test_gpu_dry_run(tmp_path):
   rows = payload["mixed_precision"]["rows"]
   assert [r["precision"] for r in rows] == ["float32", "tensorfloat32", "bfloat16"]
   assert all(r["sofo_ms"] > 0 and r["jvp_ms"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("name", ["kalman", "double_reach"])
+def test_spike_trace_per_example_losses_average_to_the_task_loss(name, monkeypatch):
+  """The trace's per-example losses, from the task's outputs, are the terms
+  of the task's own loss: their mean over the batch, over T, is the loss."""
+  monkeypatch.syspath_prepend(str(RUN.parent))
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import spike_trace  # pylint: disable=g-import-not-at-top
+
+  from sofo_jax import tasks  # pylint: disable=g-import-not-at-top
+
+  module = tasks.TASKS[name]
+  task = module.make(module.Config.quick())
+  params = task.init_params(jax.random.key(0))
+  batch = task.sample_batch(jax.random.key(1))
+  per_example = spike_trace.PER_EXAMPLE[name](task.outputs(params, batch))
+  assert per_example.shape == (task.config.batch_size,)
+  np.testing.assert_allclose(
+    np.mean(per_example) / task.config.num_steps,
+    task.loss_value(params, batch),
+    rtol=1e-5,
+  )
