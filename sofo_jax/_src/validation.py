@@ -46,7 +46,7 @@ def warn_if_below_floor(damping: Any, floor: float, owner: str) -> None:
   """Warns that a concrete starting damping below the floor will be raised.
 
   Step control never damps below ``StepControl.min_damping``, so a user who
-  asks for less (say the paper's 1e-6, or 0 for undamped steps) would
+  asks for less (say 1e-6, or 0 for undamped steps) would
   otherwise get the floor without a word.
   """
   try:
