@@ -161,6 +161,16 @@ def before_spike(
   }
 
 
+def quantiles(values: np.ndarray) -> dict[str, float]:
+  """The median, 90th and 99th percentiles and the largest of ``values``."""
+  return {
+    name: float(value)
+    for name, value in zip(
+      ("50", "90", "99", "max"), np.percentile(values, [50, 90, 99, 100])
+    )
+  }
+
+
 def spikes(records: dict[str, np.ndarray], threshold: float) -> dict:
   """Summary of one run's steps with a loss above ``threshold`` × the first."""
   loss = records["loss"]
@@ -186,14 +196,7 @@ def spikes(records: dict[str, np.ndarray], threshold: float) -> dict:
     "longest_spike_run": longest,
     # How long accepted updates are next to the ones before them, over the
     # whole run: the scale a bound relative to recent steps would work on.
-    "accepted_update_over_recent_quantiles": {
-      name: float(value)
-      for name, value in zip(
-        ("50", "90", "99", "max"), np.percentile(ratios, [50, 90, 99, 100])
-      )
-    }
-    if ratios.size
-    else None,
+    "accepted_update_over_recent_quantiles": quantiles(ratios) if ratios.size else None,
     # Steps without a spike whose curvature jumped, and how many of those
     # a spike followed within RECENT_STEPS steps.
     "num_curvature_jumps": int(jumps.size),
@@ -222,12 +225,8 @@ def worst_example_summary(records: dict[str, np.ndarray], accepted: np.ndarray) 
   ratios = records["worst_example_ratio"][accepted]
   shares = records["worst_example_share"]
   return {
-    "worst_example_ratio_quantiles": dict(
-      zip(("50", "90", "99", "max"), np.percentile(ratios, [50, 90, 99, 100]).tolist())
-    ),
-    "worst_example_share_quantiles": dict(
-      zip(("50", "90", "99", "max"), np.percentile(shares, [50, 90, 99, 100]).tolist())
-    ),
+    "worst_example_ratio_quantiles": quantiles(ratios),
+    "worst_example_share_quantiles": quantiles(shares),
   }
 
 

@@ -212,6 +212,9 @@ def test_step_control_variants_quick_and_merge(tmp_path):
   assert set(rows) == {"defaults", "min_rho"}
   for row in rows.values():
     assert len(row["final_loss_per_seed"]) == 1 and row["max_over_first"] >= 1.0
+    # The held-out loss of the final parameters, one per seed.
+    (held_out,) = row["eval_loss_per_seed"]
+    assert math.isfinite(held_out) and held_out > 0
   assert "--merge" in payload["command"]
 
 
