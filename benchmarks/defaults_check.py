@@ -63,6 +63,9 @@ VARIANTS = {
   "momentum": {"momentum": True},
   "recycle_quarter": {"num_recycled": -4},  # K // 4, resolved in run()
   "orthonormal": {"tangent_distribution": "orthonormal"},
+  # Step control below the paper's learning rate of 1 (Kalman's best in
+  # benchmarks/results/learning_rate_spikes.json).
+  "lr_0.3": {"learning_rate": 0.3},
 }
 DEFAULT_VARIANTS = (
   "defaults",
@@ -91,7 +94,10 @@ def run(task, options: dict, seed: int, num_steps: int, num_tangents: int) -> di
   if options.get("method") == "adam":
     optimizer = optax.with_extra_args_support(optax.adam(options["learning_rate"]))
   else:
-    optimizer = sofo_jax.sofo(1.0, num_tangents, key=tangent_key, **options)
+    sofo_options = {k: v for k, v in options.items() if k != "learning_rate"}
+    optimizer = sofo_jax.sofo(
+      options.get("learning_rate", 1.0), num_tangents, key=tangent_key, **sofo_options
+    )
   method = options.get("method", "sofo")
   params = task.init_params(init_key)
   step = training.make_train_step(task, method, optimizer)
@@ -113,6 +119,7 @@ def run(task, options: dict, seed: int, num_steps: int, num_tangents: int) -> di
     "first_loss": float(losses[0]),
     "max_loss": float(np.nanmax(losses)) if np.isfinite(losses).any() else float("nan"),
     "last20_mean": float(np.mean(losses[-20:])),
+    "learning_rate": float(options.get("learning_rate", 1.0)),
     "blew_up": bool(not np.all(np.isfinite(losses)) or np.max(losses) > 3 * losses[0]),
     "rejected_steps": counts[0],
     "reverted_steps": counts[1],
@@ -189,7 +196,7 @@ def main(argv=None) -> int:
     "settings": {
       "steps": args.steps,
       "num_tangents": args.num_tangents,
-      "learning_rate": 1.0,
+      "learning_rate": 1.0,  # SOFO's, unless a variant sets its own
       "quick": args.quick,
     },
     "summary": summary,

@@ -28,6 +28,7 @@ import time
 
 import _harness
 import numpy as np
+import optax
 import reproduce
 
 import sofo_jax
@@ -117,6 +118,14 @@ VARIANTS = {
   # "defaults" in a JSON written before then was measured with this floor.
   "floor_1e-6": {"step_control": sofo_jax.StepControl(min_damping=1e-6)},
   "k32": {"num_tangents": 32},
+  # Step control at a learning rate below the paper's 1: the fixed-damping
+  # grid's best points on Kalman and the double reach were at 0.3, and
+  # neither spiked there.
+  **{f"lr_{rate:g}": {"learning_rate": rate} for rate in (0.3, 0.5)},
+  # ... and from 1 down to 0.3 over the first 300 steps, keeping the full
+  # steps of the start (0.3 throughout blew up one quick Kalman run of
+  # three, benchmarks/results/defaults_check_learning_rate_quick.json).
+  "lr_1_to_0.3": {"learning_rate": optax.linear_schedule(1.0, 0.3, 300)},
   # Adam + BPTT at delayed addition's best rate of the reproduction's grid,
   # for reference on the same seeds.
   "adam": {"adam": 3e-4},
@@ -161,6 +170,7 @@ def summary(losses: np.ndarray) -> dict:
     "final_loss_per_seed": [reproduce.final_loss(run) for run in losses],
     "max_over_first": float(np.nanmax(losses / losses[:, :1])),
     "max_over_first_per_seed": [float(np.nanmax(run / run[0])) for run in losses],
+    "step_of_max_per_seed": [int(np.nanargmax(run)) for run in losses],
   }
 
 

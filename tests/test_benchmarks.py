@@ -185,13 +185,16 @@ def test_defaults_check_quick(tmp_path):
     "--tasks",
     "flip_flop",
     "--variants",
-    "defaults,paper_fixed_damping",
+    "defaults,paper_fixed_damping,lr_0.3",
   )
-  assert {row["variant"] for row in payload["runs"]} == {
-    "defaults",
-    "paper_fixed_damping",
-  }
+  runs = {row["variant"]: row for row in payload["runs"]}
+  assert set(runs) == {"defaults", "paper_fixed_damping", "lr_0.3"}
   assert payload["summary"]["defaults"]["runs"] == 1
+  # A variant's own learning rate reaches the optimiser.
+  assert (
+    runs["lr_0.3"]["learning_rate"] == 0.3 and runs["defaults"]["learning_rate"] == 1
+  )
+  assert runs["lr_0.3"]["last20_mean"] != runs["defaults"]["last20_mean"]
 
 
 def test_step_control_variants_quick_and_merge(tmp_path):
@@ -206,12 +209,15 @@ def test_step_control_variants_quick_and_merge(tmp_path):
     "--tasks",
     "kalman",
     "--variants",
-    "min_rho",
+    "lr_1_to_0.3",
   )
   rows = payload["tasks"]["kalman"]["variants"]
-  assert set(rows) == {"defaults", "min_rho"}
+  assert set(rows) == {"defaults", "lr_1_to_0.3"}
+  steps = payload["tasks"]["kalman"]["steps"]
   for row in rows.values():
     assert len(row["final_loss_per_seed"]) == 1 and row["max_over_first"] >= 1.0
+    (step_of_max,) = row["step_of_max_per_seed"]
+    assert 0 <= step_of_max < steps
     # The held-out loss of the final parameters, one per seed.
     (held_out,) = row["eval_loss_per_seed"]
     assert math.isfinite(held_out) and held_out > 0
