@@ -91,12 +91,13 @@ def run(task, options: dict, seed: int, num_steps: int, num_tangents: int) -> di
   init_key, data_key, tangent_key = jax.random.split(jax.random.key(seed), 3)
   if options.get("num_recycled", 0) < 0:
     options = {**options, "num_recycled": num_tangents // -options["num_recycled"]}
+  learning_rate = options.get("learning_rate", 1.0)
   if options.get("method") == "adam":
-    optimizer = optax.with_extra_args_support(optax.adam(options["learning_rate"]))
+    optimizer = optax.with_extra_args_support(optax.adam(learning_rate))
   else:
     sofo_options = {k: v for k, v in options.items() if k != "learning_rate"}
     optimizer = sofo_jax.sofo(
-      options.get("learning_rate", 1.0), num_tangents, key=tangent_key, **sofo_options
+      learning_rate, num_tangents, key=tangent_key, **sofo_options
     )
   method = options.get("method", "sofo")
   params = task.init_params(init_key)
@@ -119,7 +120,7 @@ def run(task, options: dict, seed: int, num_steps: int, num_tangents: int) -> di
     "first_loss": float(losses[0]),
     "max_loss": float(np.nanmax(losses)) if np.isfinite(losses).any() else float("nan"),
     "last20_mean": float(np.mean(losses[-20:])),
-    "learning_rate": float(options.get("learning_rate", 1.0)),
+    "learning_rate": float(learning_rate),
     "blew_up": bool(not np.all(np.isfinite(losses)) or np.max(losses) > 3 * losses[0]),
     "rejected_steps": counts[0],
     "reverted_steps": counts[1],

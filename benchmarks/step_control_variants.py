@@ -123,8 +123,8 @@ VARIANTS = {
   # neither spiked there.
   **{f"lr_{rate:g}": {"learning_rate": rate} for rate in (0.3, 0.5)},
   # ... and from 1 down to 0.3 over the first 300 steps, keeping the full
-  # steps of the start (0.3 throughout blew up one quick Kalman run of
-  # three, benchmarks/results/defaults_check_learning_rate_quick.json).
+  # steps of the start (0.3 throughout blew up one quick Kalman run of three:
+  # benchmarks/results/defaults_check_learning_rate_quick_config.json).
   "lr_1_to_0.3": {"learning_rate": optax.linear_schedule(1.0, 0.3, 300)},
   # Adam + BPTT at delayed addition's best rate of the reproduction's grid,
   # for reference on the same seeds.
