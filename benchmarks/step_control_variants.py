@@ -231,6 +231,8 @@ def main(argv=None) -> int:
       # held-out trials drive the network across an instability.
       held_out = reproduce.evaluate(task, reproduce.params_at(params, 0))
       rows[variant]["eval_loss_per_seed"] = held_out["loss"]
+      if "mse_ratio" in held_out:  # Kalman: the MSE over the optimal filter's
+        rows[variant]["mse_ratio_per_seed"] = held_out["mse_ratio"]
       rows[variant]["seeds"] = list(seeds)
       rows[variant]["seconds"] = time.perf_counter() - begin
       _harness.log(

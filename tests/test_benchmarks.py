@@ -221,6 +221,9 @@ def test_step_control_variants_quick_and_merge(tmp_path):
     # The held-out loss of the final parameters, one per seed.
     (held_out,) = row["eval_loss_per_seed"]
     assert math.isfinite(held_out) and held_out > 0
+    # Kalman's held-out MSE over the optimal filter's, one per seed.
+    (mse_ratio,) = row["mse_ratio_per_seed"]
+    assert math.isfinite(mse_ratio) and mse_ratio > 0
   assert "--merge" in payload["command"]
 
 
