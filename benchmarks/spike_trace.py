@@ -82,8 +82,12 @@ RECENT_STEPS = 20
 CURVATURE_JUMP = 100.0
 
 
-def trace(task, optimizer, params, batch_keys) -> dict[str, np.ndarray]:
-  """Per-step loss, step-control diagnostics and update lengths of one run."""
+def trace(task, optimizer, params, batch_keys) -> dict:
+  """Per-step loss, step-control diagnostics and update lengths of one run.
+
+  Also ``"held_out"``: the metrics of the final parameters on the
+  reproduction's evaluation batches.
+  """
   step = training.make_train_step(task, "sofo", optimizer)
   per_example = PER_EXAMPLE.get(task.name)
 
@@ -115,9 +119,17 @@ def trace(task, optimizer, params, batch_keys) -> dict[str, np.ndarray]:
       "params_norm": optax.tree.norm(before),
     }
 
-  run = jax.jit(lambda carry, keys: jax.lax.scan(traced, carry, keys)[1])
-  records = run((params, optimizer.init(params)), batch_keys)
-  return {name: np.asarray(value) for name, value in records.items()}
+  def run(carry, keys):
+    (final, _), records = jax.lax.scan(traced, carry, keys)
+    return final, records
+
+  final, records = jax.jit(run)((params, optimizer.init(params)), batch_keys)
+  records = {name: np.asarray(value) for name, value in records.items()}
+  # The final parameters on the reproduction's fixed evaluation batches: a
+  # run can end where held-out trials cross an instability.
+  held_out = reproduce.evaluate(task, jax.tree.map(lambda leaf: leaf[None], final))
+  records["held_out"] = {name: values[0] for name, values in held_out.items()}
+  return records
 
 
 def recent(index: int) -> slice:
@@ -289,13 +301,16 @@ def main(argv=None) -> int:
         task.init_params(init_key),
         jax.random.split(data_key, steps),
       )
+      held_out = records.pop("held_out")
       row = spikes(records, args.threshold)
+      row["held_out"] = held_out
       row["seconds"] = time.perf_counter() - begin
       payload["runs"][f"{variant}/seed{seed}"] = row
       _harness.log(
         f"{variant} seed {seed}: max/first {row['max_over_first']:.3g}, "
         f"{row['num_spikes']} spikes ({row['num_reverted_at_spikes']} undone), "
-        f"longest run {row['longest_spike_run']}, final {row['final_loss']:.4g}"
+        f"longest run {row['longest_spike_run']}, final {row['final_loss']:.4g}, "
+        f"held out {held_out['loss']:.4g}"
       )
       _harness.write_json(out, payload)
   print(f"wrote {out}")

@@ -126,6 +126,12 @@ VARIANTS = {
   # steps of the start (0.3 throughout blew up one quick Kalman run of three:
   # benchmarks/results/defaults_check_learning_rate_quick_config.json).
   "lr_1_to_0.3": {"learning_rate": optax.linear_schedule(1.0, 0.3, 300)},
+  # What the next-batch check does with a spiking batch: undo the last step
+  # (the defaults), undo it and step from the restored parameters on that
+  # batch (a second sketch there), or not look (keep stepping from where the
+  # spike is, on the spiking batch).
+  "step_after_revert": {"step_control": sofo_jax.StepControl(step_after_revert=True)},
+  "no_revert": {"step_control": sofo_jax.StepControl(revert_ratio=None)},
   # Adam + BPTT at delayed addition's best rate of the reproduction's grid,
   # for reference on the same seeds.
   "adam": {"adam": 3e-4},

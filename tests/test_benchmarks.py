@@ -243,6 +243,9 @@ def test_spike_trace_quick(tmp_path):
   assert run["num_spikes"] == run["longest_spike_run"] == len(run["spikes"]) == 20
   assert run["num_reverted_at_spikes"] == run["num_reverted"]
   assert run["max_over_first"] >= 1.0 and math.isfinite(run["final_loss"])
+  # The final parameters on held-out batches, with Kalman's own metric.
+  assert math.isfinite(run["held_out"]["loss"]) and run["held_out"]["loss"] > 0
+  assert run["held_out"]["mse_ratio"] > 0
   quantiles = run["accepted_update_over_recent_quantiles"]
   assert 0 < quantiles["50"] <= quantiles["90"] <= quantiles["99"] <= quantiles["max"]
   assert run["spikes"][0]["last_update_over_params"] is None  # no step before the first

@@ -306,3 +306,51 @@ def test_adaptive_backtracks_to_a_more_damped_step(x64):
   flat_updates = ravel_pytree(updates)[0]
   assert jnp.max(jnp.abs(flat_updates - expected)) <= 1e-8 * jnp.max(jnp.abs(expected))
   assert float(diagnostics.trial_loss) == pytest.approx(trial_losses[chosen], rel=1e-10)
+
+
+def test_step_after_revert_is_the_damped_step_from_the_restored_parameters(x64):
+  """Batch A moves the parameters; batch B, fitted well by the parameters
+  before that step, shows a spike at the new ones, so the step is undone;
+  with ``step_after_revert`` the update lands on the restored parameters plus
+  the dense damped Gauss-Newton step of batch B there, at ten times the
+  damping."""
+  rng = np.random.default_rng(5)
+  params, loss_a, _, _ = _least_squares(rng)
+  x = rng.normal(size=(12, 4))
+  y = x @ params["w"] + params["b"] + 0.1 * rng.normal(size=(12, 2))
+  loss_b = lambda p: losses.mse(x @ p["w"] + p["b"], y)
+  outputs_b = lambda p: x @ p["w"] + p["b"]
+  loss_of_outputs_b = lambda out: jnp.mean(jnp.sum((out - y) ** 2, -1))
+  control = sofo_jax.StepControl(step_after_revert=True, min_damping=0.0)
+  num_params = ravel_pytree(params)[0].size
+  opt = sofo_jax.sofo(
+    1.0,
+    num_params,
+    1e-3,
+    key=jax.random.key(3),
+    tangent_distribution="orthonormal",
+    step_control=control,
+    momentum=False,
+  )
+  state = opt.init(params)
+  updates, state = opt.update(None, state, params, loss_fn=loss_a)
+  moved = optax.apply_updates(params, updates)
+  damping_after_a = float(sofo_jax.get_state(state).damping)
+  assert float(loss_b(moved).value) > 2.0 * float(loss_b(params).value)
+  updates, state = opt.update(None, state, moved, loss_fn=loss_b)
+  landed = optax.apply_updates(moved, updates)
+  diagnostics = sofo_jax.get_diagnostics(state)
+  assert bool(diagnostics.step_reverted)
+  assert not bool(diagnostics.step_rejected)
+  gradient, gauss_newton = reference.dense_gauss_newton(
+    params, outputs_b, loss_of_outputs_b
+  )
+  # A quadratic: rho = 1 for every trial, so the least damped one is taken.
+  expected = ravel_pytree(params)[0] - reference.damped_gauss_newton_step(
+    gradient, gauss_newton, 10.0 * damping_after_a, True
+  )
+  np.testing.assert_allclose(ravel_pytree(landed)[0], expected, rtol=1e-8, atol=1e-8)
+  np.testing.assert_allclose(
+    diagnostics.damping_parameter, 10.0 * damping_after_a, rtol=1e-10
+  )
+  assert float(loss_b(landed).value) < float(loss_b(params).value)
