@@ -126,11 +126,11 @@ VARIANTS = {
   # steps of the start (0.3 throughout blew up one quick Kalman run of three:
   # benchmarks/results/defaults_check_learning_rate_quick_config.json).
   "lr_1_to_0.3": {"learning_rate": optax.linear_schedule(1.0, 0.3, 300)},
-  # What the next-batch check does with a spiking batch: undo the last step
-  # (the defaults), undo it and step from the restored parameters on that
-  # batch (a second sketch there), or not look (keep stepping from where the
-  # spike is, on the spiking batch).
-  "step_after_revert": {"step_control": sofo_jax.StepControl(step_after_revert=True)},
+  # No next-batch check: a spiking batch is stepped on from where the spike
+  # is, instead of the last step being undone (the defaults). The third
+  # choice, undoing and then stepping from the restored parameters on that
+  # batch, was StepControl(step_after_revert=True) at commit a99b7b7, removed
+  # after it lost (benchmarks/README.md, "Stepping after an undo").
   "no_revert": {"step_control": sofo_jax.StepControl(revert_ratio=None)},
   # Adam + BPTT at delayed addition's best rate of the reproduction's grid,
   # for reference on the same seeds.

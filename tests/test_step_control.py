@@ -167,7 +167,6 @@ def test_non_finite_loss_after_a_step_is_undone():
     {"momentum": True},
     {"num_recycled": 2},
     {"step_control": sofo_jax.StepControl(revert_ratio=None)},
-    {"step_control": sofo_jax.StepControl(step_after_revert=True)},
   ],
 )
 def test_state_is_fixed_shape_and_scans(options):
@@ -236,10 +235,6 @@ def test_step_control_settings_are_checked():
     sofo_jax.StepControl(max_step_ratio=0.0)
   with pytest.raises(TypeError, match="num_trials"):
     sofo_jax.StepControl(num_trials=2.0)
-  with pytest.raises(TypeError, match="step_after_revert"):
-    sofo_jax.StepControl(step_after_revert=1)
-  with pytest.raises(ValueError, match="step_after_revert needs"):
-    sofo_jax.StepControl(step_after_revert=True, revert_ratio=None)
   with pytest.raises(TypeError, match="StepControl"):
     sofo_jax.sofo(1.0, 4, key=jax.random.key(0), step_control={"num_trials": 2})
   with pytest.raises(TypeError, match="adaptive"):

@@ -108,15 +108,6 @@ class StepControl:
       pass per step and one parameter-sized buffer in the state; ``None``
       turns the check off. The undo assumes the chain after SOFO only scales
       by the learning rate, as in :func:`sofo_jax.sofo`.
-    step_after_revert: when the next-batch check undoes the last step, also
-      take a step from the restored parameters on the batch that showed the
-      spike, so that the step learns from the input that made the network
-      unstable instead of only stepping back. Costs a second sketch (K
-      forward-mode passes) on the updates that undo a step, and nothing on
-      the others. Off by default: at K = 128 it left five Kalman runs of
-      six spiking, as without it, with 34 spikes against 19, and raised
-      the double reach's largest spike (``benchmarks/README.md``, "Stepping
-      after an undo").
     max_step_ratio: a trust region in parameter space: a trial step longer
       than ``max_step_ratio`` times the norm of the trainable parameters is
       not accepted (no bound when the parameters are zero). ``None`` (the
@@ -142,7 +133,6 @@ class StepControl:
   min_damping: float = 1e-4
   max_damping: float = 1e3
   revert_ratio: float | None = 2.0
-  step_after_revert: bool = False
   max_step_ratio: float | None = None
 
   def __post_init__(self):
@@ -152,15 +142,6 @@ class StepControl:
       )
     if self.num_trials < 1:
       raise ValueError(f"StepControl.num_trials must be >= 1; got {self.num_trials}.")
-    if not isinstance(self.step_after_revert, bool):
-      raise TypeError(
-        f"StepControl.step_after_revert must be a bool; got {self.step_after_revert!r}."
-      )
-    if self.step_after_revert and self.revert_ratio is None:
-      raise ValueError(
-        "StepControl.step_after_revert needs the next-batch check: set "
-        "revert_ratio (it is None)."
-      )
     checks: tuple[tuple[str, bool, str], ...] = (
       ("trial_growth", self.trial_growth > 1.0, "> 1"),
       ("decrease", 0.0 < self.decrease <= 1.0, "in (0, 1]"),

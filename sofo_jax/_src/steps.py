@@ -11,7 +11,6 @@ it generalised badly. Both return an :class:`Outcome`.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -107,14 +106,11 @@ def controlled_step(
   relative_damping,
   has_aux,
   data_axis_name,
-  sketch_at=None,
 ):
   """Step control: the ladder of trials, the choice, and the next-batch check.
 
   ``tangents`` is the ``(K, P)`` tangent matrix (see
   :func:`sofo_jax._src.tangents.flatten`); directions come back flat.
-  ``sketch_at(part)`` returns ``(sketch, gradient, system)`` at other
-  parameters with the same tangents; ``step_after_revert`` needs it.
   """
   eta = learning_rate_lib.learning_rate_at(learning_rate, state.count)
   trials = step_control_lib.ladder(
@@ -193,7 +189,7 @@ def controlled_step(
     settings.min_damping,
     settings.max_damping,
   )
-  outcome = Outcome(
+  return Outcome(
     direction=direction,
     damping=jnp.where(reverted, jnp.asarray(state.damping, k_dtype), chosen.damping),
     next_damping=jnp.where(reverted, raised, chosen.next_damping),
@@ -205,82 +201,6 @@ def controlled_step(
     finite=system.finite | reverted,
     last_update=taken,
   )
-  if not settings.step_after_revert:
-    return outcome
-  if sketch_at is None:
-    raise ValueError("step_after_revert needs sketch_at.")
-
-  def step_from_previous(_):
-    # The parameters before the last step, as the undo restores them.
-    previous = [
-      (p - d).astype(p.dtype)
-      for p, d in zip(
-        part.trainable, tangents_lib.unflatten(last_update, part.trainable)
-      )
-    ]
-    previous_part = part._replace(trainable=previous)
-    sketch_2, gradient_2, system_2 = sketch_at(previous_part)
-    step = controlled_step(
-      dataclasses.replace(settings, revert_ratio=None, step_after_revert=False),
-      state._replace(damping=raised),
-      previous_part,
-      loss_fn,
-      tangents,
-      sketch_2,
-      gradient_2,
-      system_2,
-      learning_rate,
-      relative_damping,
-      has_aux,
-      data_axis_name,
-    )
-    return _AfterRevert(
-      step.direction,
-      step.damping.astype(k_dtype),
-      step.next_damping.astype(k_dtype),
-      step.rho.astype(k_dtype),
-      step.rejected,
-      step.trial_loss.astype(outcome.trial_loss.dtype),
-      step.predicted_decrease.astype(outcome.predicted_decrease.dtype),
-    )
-
-  def no_step(_):
-    return _AfterRevert(
-      jnp.zeros_like(direction),
-      outcome.damping,
-      outcome.next_damping,
-      outcome.rho.astype(k_dtype),
-      jnp.array(False),
-      outcome.trial_loss,
-      outcome.predicted_decrease,
-    )
-
-  # A cond, not a select: the second sketch runs only on updates that undo.
-  after = jax.lax.cond(reverted, step_from_previous, no_step, None)
-  return outcome._replace(
-    direction=direction + after.direction,
-    damping=after.damping,
-    next_damping=after.next_damping,
-    rho=after.rho,
-    rejected=after.rejected,
-    trial_loss=after.trial_loss,
-    predicted_decrease=after.predicted_decrease,
-    last_update=tangents_lib.round_to_leaves(
-      taken - jnp.asarray(eta, dtype) * after.direction, part.trainable
-    ),
-  )
-
-
-class _AfterRevert(NamedTuple):
-  """What the step from the restored parameters decided (zeros when none)."""
-
-  direction: Array
-  damping: Float[Array, ""]
-  next_damping: Float[Array, ""]
-  rho: Float[Array, ""]
-  rejected: Bool[Array, ""]
-  trial_loss: Float[Array, ""]
-  predicted_decrease: Float[Array, ""]
 
 
 def top_directions(system, tangents, trainable, count, previous):

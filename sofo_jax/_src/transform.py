@@ -415,22 +415,18 @@ def scale_by_sofo(
       rows.append(tangents_lib.flatten(list(state.recycled), flat_dtype))
     tangents = jnp.concatenate(rows)
     tangent_leaves = tangents_lib.unflatten(tangents, part.trainable)
-
-    def sketch_at(at, keep_aux=False):
-      sketch, aux = sketch_lib.sketch_leaves(
-        loss_fn,
-        at,
-        tangent_leaves,
-        has_aux,
-        data_axis_name=data_axis_name,
-        tangent_axis_name=tangent_axis_name,
-      )
-      # A non-finite loss makes the whole sketch meaningless: skip the step.
-      gradient = jnp.where(jnp.isfinite(sketch.value), sketch.gradient, jnp.nan)
-      system = solve_lib.eigensystem(gradient, sketch.gauss_newton)
-      return (sketch, gradient, system, aux) if keep_aux else (sketch, gradient, system)
-
-    sketch, gradient, system, aux = sketch_at(part, keep_aux=True)
+    sketch, aux = sketch_lib.sketch_leaves(
+      loss_fn,
+      part,
+      tangent_leaves,
+      has_aux,
+      data_axis_name=data_axis_name,
+      tangent_axis_name=tangent_axis_name,
+    )
+    value_is_finite = jnp.isfinite(sketch.value)
+    # A non-finite loss makes the whole sketch meaningless: skip the step.
+    gradient = jnp.where(value_is_finite, sketch.gradient, jnp.nan)
+    system = solve_lib.eigensystem(gradient, sketch.gauss_newton)
     if adaptive:
       outcome = steps_lib.controlled_step(
         step_control,
@@ -445,7 +441,6 @@ def scale_by_sofo(
         relative_damping,
         has_aux,
         data_axis_name,
-        sketch_at,
       )
     else:
       outcome = steps_lib.fixed_step(
