@@ -26,6 +26,11 @@ refuse it. The trace sets that worst ratio before each spike against its
 distribution over all accepted updates, and records how much of a spiking
 batch's loss sits in its worst example.
 
+Each run also records its final parameters' metrics on the reproduction's
+held-out batches (``held_out``; Kalman's MSE over the optimal filter's
+among them), so that a variant that spikes less can be checked to end no
+worse.
+
 Usage::
 
     python benchmarks/spike_trace.py                          # Kalman, 3 seeds, ~10 min
