@@ -87,11 +87,12 @@ RECENT_STEPS = 20
 CURVATURE_JUMP = 100.0
 
 
-def trace(task, optimizer, params, batch_keys) -> dict:
+def trace(task, optimizer, params, batch_keys) -> tuple[dict[str, np.ndarray], dict]:
   """Per-step loss, step-control diagnostics and update lengths of one run.
 
-  Also ``"held_out"``: the metrics of the final parameters on the
-  reproduction's evaluation batches.
+  Returns:
+    ``(records, held_out)``: the per-step records, and the metrics of the
+    final parameters on the reproduction's evaluation batches.
   """
   step = training.make_train_step(task, "sofo", optimizer)
   per_example = PER_EXAMPLE.get(task.name)
@@ -133,8 +134,7 @@ def trace(task, optimizer, params, batch_keys) -> dict:
   # The final parameters on the reproduction's fixed evaluation batches: a
   # run can end where held-out trials cross an instability.
   held_out = reproduce.evaluate(task, jax.tree.map(lambda leaf: leaf[None], final))
-  records["held_out"] = {name: values[0] for name, values in held_out.items()}
-  return records
+  return records, {name: values[0] for name, values in held_out.items()}
 
 
 def recent(index: int) -> slice:
@@ -300,13 +300,12 @@ def main(argv=None) -> int:
       # The same keys as reproduce.train, so the same initial parameters
       # and batches.
       init_key, data_key, tangent_key = jax.random.split(jax.random.key(seed), 3)
-      records = trace(
+      records, held_out = trace(
         task,
         make(settings[0], tangent_key),
         task.init_params(init_key),
         jax.random.split(data_key, steps),
       )
-      held_out = records.pop("held_out")
       row = spikes(records, args.threshold)
       row["held_out"] = held_out
       row["seconds"] = time.perf_counter() - begin
