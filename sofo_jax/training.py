@@ -43,7 +43,8 @@ class History:
 
   Attributes:
     method: the method's name.
-    losses: training-batch loss before each update, shape ``(num_steps,)``.
+    losses: training-batch loss before each update, shape ``(num_steps,)``
+      (fewer steps if ``fit``'s ``max_seconds`` ended the run).
     seconds: wall-clock seconds elapsed after each step (compilation
       excluded), shape ``(num_steps,)``.
     params: the final parameters.
@@ -184,6 +185,7 @@ def fit(
   num_tangents: int | None = None,
   damping: float | None = None,
   chunk_size: int | None = None,
+  max_seconds: float | None = None,
   progress: bool = True,
   params: Any = None,
   **sofo_options,
@@ -210,6 +212,11 @@ def fit(
     num_tangents: overrides the config's K.
     damping: SOFO's (starting) damping.
     chunk_size: steps per compiled chunk (default: about 20 chunks).
+    max_seconds: a wall-clock budget for training (compilation excluded):
+      no chunk starts once it is spent, so the run may end before
+      ``num_steps``, at a chunk boundary and after at least one chunk. The
+      returned history holds the steps that ran. For comparisons at equal
+      wall-clock time.
     progress: show a progress bar.
     params: start from these parameters instead of a fresh initialisation.
     **sofo_options: further keyword arguments of :func:`sofo_jax.sofo`.
@@ -236,6 +243,8 @@ def fit(
     )
   if num_tangents is None:
     num_tangents = config.num_tangents
+  if max_seconds is not None and not max_seconds >= 0:
+    raise ValueError(f"max_seconds must be >= 0 or None; got {max_seconds!r}.")
   init_key, data_key, tangent_key = jax.random.split(key, 3)
   optimizer = make_optimizer(
     method,
@@ -272,9 +281,12 @@ def fit(
     keys = batch_keys[start : start + chunk_size]
     if keys.shape[0] not in compiled:
       compiled[keys.shape[0]] = run_chunk.lower(carry, keys).compile()
-  losses, rejected, reverted, seconds, elapsed = [], [], [], [], 0.0
+  losses: list[np.ndarray] = []
+  rejected, reverted, seconds, elapsed = [], [], [], 0.0
   bar = _progress_bar(num_steps, f"{task.name}/{method}", progress)
   for start in starts:
+    if max_seconds is not None and losses and elapsed >= max_seconds:
+      break
     keys = batch_keys[start : start + chunk_size]
     size = keys.shape[0]
     begin = time.perf_counter()

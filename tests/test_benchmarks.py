@@ -324,6 +324,36 @@ def test_neurogym_check_quick(tmp_path):
   assert all(0.0 <= row["accuracy"] <= 1.0 for row in payload["rows"])
 
 
+def test_double_reach_gpu_dry_run(tmp_path):
+  """Both methods train for equal time and get a verdict; the budget is kept."""
+  run_ok(
+    [
+      sys.executable,
+      str(RUN.parent / "double_reach_gpu.py"),
+      "--dry-run",
+      "--budget-s",
+      "20",
+      "--train-share",
+      "0.2",
+      "--out",
+      str(tmp_path),
+    ],
+    timeout=600,
+  )
+  payload = json.loads((tmp_path / "double_reach_gpu.json").read_text())
+  sofo, adam = payload["methods"]["sofo"], payload["methods"]["adam"]
+  assert sofo["num_tangents"] == payload["config"]["num_tangents"]
+  assert adam["num_tangents"] is None
+  # Adam trains no longer than SOFO did (fit stops at a chunk boundary).
+  assert adam["train_seconds"] <= sofo["train_seconds"] + 1.0
+  for figures in (sofo, adam):
+    assert figures["steps"] >= 1 and figures["first_loss"] > 0
+    first, second = figures["reach_error_1_m"], figures["reach_error_2_m"]
+    assert figures["double_reach_produced"] == (first < 0.02 and second < 0.02)
+  assert payload["equal_iterations"]["steps"] == min(sofo["steps"], adam["steps"])
+  assert (tmp_path / "double_reach_gpu.png").stat().st_size > 0
+
+
 def test_gpu_dry_run(tmp_path):
   """``gpu.py --dry-run`` writes all four sections with positive, finite figures."""
   run_ok(

@@ -183,3 +183,22 @@ def test_fit_records_which_steps_were_undone():
   assert np.all(np.isfinite(history.params["w"]))
   adam = training.fit(task, "adam", 3, key=jax.random.key(0), progress=False)
   assert not adam.step_reverted.any() and not adam.step_rejected.any()
+
+
+def test_fit_stops_at_a_chunk_boundary_once_max_seconds_is_spent():
+  task = sofo_jax.tasks.flip_flop.make(sofo_jax.tasks.flip_flop.Config.quick())
+  key = jax.random.key(0)
+  # A zero budget is spent after the first chunk, whatever the machine.
+  cut = training.fit(
+    task, "sofo", 9, key=key, chunk_size=4, max_seconds=0.0, progress=False
+  )
+  assert cut.losses.shape == cut.seconds.shape == cut.step_rejected.shape == (4,)
+  assert cut.settings["num_steps"] == 9
+  # The steps that ran are those of the full run, which an ample budget allows.
+  full = training.fit(
+    task, "sofo", 9, key=key, chunk_size=4, max_seconds=1e9, progress=False
+  )
+  assert full.losses.shape == (9,)
+  np.testing.assert_allclose(cut.losses, full.losses[:4], rtol=1e-6)
+  with pytest.raises(ValueError, match="max_seconds"):
+    training.fit(task, "sofo", 2, key=key, max_seconds=-1.0, progress=False)
