@@ -32,9 +32,14 @@ order they run:
    ``adam_learning_rate`` (``training.fit``: same initial parameters and
    batches), the training loss against wall-clock seconds.
 4. ``mixed_precision``: the SOFO step and the bare jvp (N = 400, T = 1000,
-   K = 128) with matmuls at float32, tensorfloat32 and bfloat16 inputs
-   (``jax.default_matmul_precision``; float32 accumulation), timed
-   round-robin, with the jvp's relative error against float32.
+   K = 128) under each ``jax.default_matmul_precision`` setting, timed
+   round-robin, with the jvp's relative error against ``"float32"``. The
+   settings bound how far XLA may lower the precision of float32 matmuls:
+   ``"float32"`` not at all, ``"tensorfloat32"`` to TF32, ``"bfloat16"``
+   (JAX's default) as far as the backend likes. They do not cast the
+   operands: on an H200 the last two ran the same TF32 kernels (same time,
+   same error; ``results/gpu.json``), so a step with bfloat16 operands is
+   not measured here.
 
 Time budget: the script tracks its elapsed time against ``--budget-s``
 (default 420 s). Each section has a deadline at a share of it (memory 40%,

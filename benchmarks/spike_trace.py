@@ -273,6 +273,12 @@ def main(argv=None) -> int:
   parser.add_argument("--variants", default="defaults,start_damping_1e-4")
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--threshold", type=float, default=3.0)
+  parser.add_argument(
+    "--batch-size",
+    type=int,
+    default=None,
+    help="override the reproduction's batch size (also the held-out batches')",
+  )
   parser.add_argument("--output", default=None)
   args = parser.parse_args(argv)
   if args.quick:
@@ -281,7 +287,9 @@ def main(argv=None) -> int:
   module = reproduce.tasks_lib.TASKS[args.task]
   plan = reproduce._suite.plans("quick" if args.quick else "cpu")[args.task]
   config = reproduce._suite.task_config(module, plan)
-  overrides = {} if args.quick else reproduce.CONFIG_OVERRIDES.get(args.task, {})
+  overrides = {} if args.quick else dict(reproduce.CONFIG_OVERRIDES.get(args.task, {}))
+  if args.batch_size is not None:
+    overrides["batch_size"] = args.batch_size
   task = module.make(dataclasses.replace(config, **overrides))
   steps = 20 if args.quick else reproduce.STEPS.get(args.task, reproduce.DEFAULT_STEPS)
   seeds = [int(seed) for seed in args.seeds.split(",")]
@@ -290,6 +298,7 @@ def main(argv=None) -> int:
     "task": args.task,
     "steps": steps,
     "threshold": args.threshold,
+    "batch_size": task.config.batch_size,
     "num_tangents": reproduce.NUM_TANGENTS,
     "runs": {},
   }

@@ -348,6 +348,7 @@ def test_double_reach_gpu_dry_run(tmp_path):
   assert adam["train_seconds"] <= sofo["train_seconds"] + 1.0
   for figures in (sofo, adam):
     assert figures["steps"] >= 1 and figures["first_loss"] > 0
+    assert sum(figures["rejected_per_100_steps"]) == figures["steps_rejected"]
     first, second = figures["reach_error_1_m"], figures["reach_error_2_m"]
     assert figures["double_reach_produced"] == (first < 0.02 and second < 0.02)
   assert payload["equal_iterations"]["steps"] == min(sofo["steps"], adam["steps"])
