@@ -183,8 +183,7 @@ def main(argv=None) -> dict:
     _harness.write_json(path, payload)
     _harness.log(
       f"{method}: {figures['steps']} steps, {figures['ms_per_step']:.1f} ms/step, "
-      f"loss {figures['final_loss']:.4g}, reach errors "
-      f"{100 * figures['reach_error_1_m']:.1f} / {100 * figures['reach_error_2_m']:.1f} cm"
+      + reproduce.reach_line(figures)
     )
 
   if len(histories) == 2:

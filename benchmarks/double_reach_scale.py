@@ -118,11 +118,7 @@ def main(argv=None) -> int:
     payload["methods"][name] = figures
     payload["seconds"] = time.perf_counter() - begin
     _harness.write_json(out, payload)
-    _harness.log(
-      f"{name}: loss {figures['final_loss']:.4g}, reach errors "
-      f"{100 * figures['reach_error_1_m']:.1f} / "
-      f"{100 * figures['reach_error_2_m']:.1f} cm"
-    )
+    _harness.log(f"{name}: {reproduce.reach_line(figures)}")
 
   make, settings = step_control_variants.sofo_variant(args.sofo_variant)
   losses, params, seconds = reproduce.train(task, make, "sofo", steps, settings, seeds)

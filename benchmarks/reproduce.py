@@ -351,6 +351,15 @@ def reach_verdict(errors: dict) -> dict:
   }
 
 
+def reach_line(figures: dict) -> str:
+  """ "loss L, reach errors a / b cm" of a figures dict with :func:`reach_verdict`'s keys."""
+  return (
+    f"loss {figures['final_loss']:.4g}, reach errors "
+    f"{100 * figures['reach_error_1_m']:.1f} / "
+    f"{100 * figures['reach_error_2_m']:.1f} cm"
+  )
+
+
 def double_reach_verdict(task, result: dict) -> dict:
   return {
     method: reach_verdict(result[method]["eval"])

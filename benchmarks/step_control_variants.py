@@ -195,6 +195,13 @@ def main(argv=None) -> int:
     help="comma-separated seeds (default: the reproduction's, "
     f"{','.join(map(str, reproduce.SEEDS))})",
   )
+  parser.add_argument(
+    "--batch-size",
+    type=int,
+    default=None,
+    help="override the reproduction's batch size on every task (also the "
+    "held-out batches')",
+  )
   parser.add_argument("--output", default=None)
   parser.add_argument(
     "--merge",
@@ -220,7 +227,9 @@ def main(argv=None) -> int:
     module = reproduce.tasks_lib.TASKS[name]
     plan = reproduce._suite.plans("quick" if args.quick else "cpu")[name]
     config = reproduce._suite.task_config(module, plan)
-    overrides = {} if args.quick else reproduce.CONFIG_OVERRIDES.get(name, {})
+    overrides = {} if args.quick else dict(reproduce.CONFIG_OVERRIDES.get(name, {}))
+    if args.batch_size is not None:
+      overrides["batch_size"] = args.batch_size
     task = module.make(dataclasses.replace(config, **overrides))
     steps = 20 if args.quick else reproduce.STEPS.get(name, reproduce.DEFAULT_STEPS)
     seeds = reproduce.SEEDS[:1] if args.quick else reproduce.SEEDS
@@ -246,7 +255,12 @@ def main(argv=None) -> int:
         f"per seed {[f'{v:.3g}' for v in rows[variant]['final_loss_per_seed']]} "
         f"max/first {rows[variant]['max_over_first']:.3g}"
       )
-    payload["tasks"][name] = {"steps": steps, "seeds": list(seeds), "variants": rows}
+    payload["tasks"][name] = {
+      "steps": steps,
+      "seeds": list(seeds),
+      "batch_size": task.config.batch_size,
+      "variants": rows,
+    }
     payload["seconds"] = payload.get("seconds", 0) + time.perf_counter() - begin_all
     begin_all = time.perf_counter()
     _harness.write_json(out, payload)

@@ -210,7 +210,10 @@ def test_step_control_variants_quick_and_merge(tmp_path):
     "kalman",
     "--variants",
     "lr_1_to_0.3",
+    "--batch-size",
+    "6",
   )
+  assert payload["tasks"]["kalman"]["batch_size"] == 6
   rows = payload["tasks"]["kalman"]["variants"]
   assert set(rows) == {"defaults", "lr_1_to_0.3"}
   steps = payload["tasks"]["kalman"]["steps"]
@@ -238,7 +241,10 @@ def test_spike_trace_quick(tmp_path):
     "0",
     "--threshold",
     "0",
+    "--batch-size",
+    "6",
   )
+  assert payload["batch_size"] == 6
   (run,) = payload["runs"].values()
   assert run["num_spikes"] == run["longest_spike_run"] == len(run["spikes"]) == 20
   assert run["num_reverted_at_spikes"] == run["num_reverted"]
