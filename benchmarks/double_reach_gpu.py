@@ -23,8 +23,10 @@ errors on the reproduction's fixed evaluation batches with the verdict
 Time budget: ``--budget-s`` covers the whole script. Each method trains for
 ``--train-share`` of it (default 0.4); Adam gets no more than SOFO used and
 no more than what is left before the deadline, less a reserve for compiling
-and evaluating. ``DIR/double_reach_gpu.json`` is rewritten after each
-method, so a run cut short keeps what it measured.
+and evaluating. ``DIR/double_reach_gpu.json`` (``_seed{S}`` and
+``_{precision}`` added to the name for a seed other than 0 or a
+``--matmul-precision``) is rewritten after each method, so a run cut short
+keeps what it measured; the hand paths go beside it, as ``.png``.
 
 On the first GPU run (``results/double_reach_gpu.json``) step control
 rejected 322 of SOFO's 875 steps on seed 0 and none on seed 1; where they
@@ -69,6 +71,14 @@ def _loss_at(losses: np.ndarray, step: int) -> float:
   """Mean training loss over the ``SMOOTHING`` steps that end at ``step``."""
   window = losses[max(0, step - reproduce.SMOOTHING) : step]
   return float(np.mean(window))
+
+
+def result_name(seed: int, matmul_precision: str | None) -> str:
+  """The JSON's file stem: one per seed and precision, so a rerun keeps the others."""
+  name = "double_reach_gpu"
+  name += f"_seed{seed}" if seed else ""
+  name += f"_{matmul_precision}" if matmul_precision else ""
+  return name
 
 
 def method_figures(task, history: training.History) -> dict:
@@ -129,9 +139,10 @@ def main(argv=None) -> dict:
   mode = "dry_run" if args.dry_run else "full"
   config = double_reach.Config.quick() if args.dry_run else double_reach.Config()
   task = double_reach.make(config)
+  name = result_name(args.seed, args.matmul_precision)
   path = _harness.output_path(
-    str(Path(args.out) / "double_reach_gpu.json") if args.out else None,
-    "double_reach_gpu.json",
+    str(Path(args.out) / f"{name}.json") if args.out else None,
+    f"{name}.json",
     args.dry_run,
   )
   device = jax.devices()[0]

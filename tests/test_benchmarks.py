@@ -361,6 +361,15 @@ def test_double_reach_gpu_dry_run(tmp_path):
   assert (tmp_path / "double_reach_gpu.png").stat().st_size > 0
 
 
+def test_double_reach_gpu_names_its_file_by_seed_and_precision(monkeypatch):
+  monkeypatch.syspath_prepend(str(RUN.parent))
+  import double_reach_gpu  # pylint: disable=g-import-not-at-top
+
+  assert double_reach_gpu.result_name(0, None) == "double_reach_gpu"
+  assert double_reach_gpu.result_name(1, None) == "double_reach_gpu_seed1"
+  assert double_reach_gpu.result_name(0, "float32") == "double_reach_gpu_float32"
+
+
 def test_gpu_dry_run(tmp_path):
   """``gpu.py --dry-run`` writes all four sections with positive, finite figures."""
   run_ok(
