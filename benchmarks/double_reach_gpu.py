@@ -62,11 +62,6 @@ CHUNK_STEPS = {"full": 25, "dry_run": 5}
 RESERVE_S = {"full": 40.0, "dry_run": 5.0}
 
 
-def _stacked(params):
-  """One run's parameters with a leading seed axis, as ``reproduce.evaluate`` takes."""
-  return jax.tree.map(lambda x: x[None], params)
-
-
 def _loss_at(losses: np.ndarray, step: int) -> float:
   """Mean training loss over the ``SMOOTHING`` steps that end at ``step``."""
   window = losses[max(0, step - reproduce.SMOOTHING) : step]
@@ -84,7 +79,7 @@ def result_name(seed: int, matmul_precision: str | None) -> str:
 def method_figures(task, history: training.History) -> dict:
   """Losses, time, blow-ups, reach errors and verdict of one training run."""
   losses = history.losses
-  errors = reproduce.evaluate(task, _stacked(history.params))
+  errors = reproduce.evaluate(task, reproduce.stacked(history.params))
   index = np.unique(np.linspace(0, losses.size - 1, 200).astype(int))
   return {
     "learning_rate": float(history.settings["learning_rate"]),

@@ -205,17 +205,24 @@ def target_for(name: str, task) -> float:
   if "target" in rule:
     return rule["target"]
   params = task.init_params(jax.random.key(0))
-  floor = np.mean(evaluate(task, jax.tree.map(lambda x: x[None], params))["kalman_mse"])
+  floor = np.mean(evaluate(task, stacked(params))["kalman_mse"])
   return 1.1 * float(floor)
 
 
-def run_task(name: str, quick: bool, out: Path) -> dict:
+def reproduction_task(name: str, quick: bool, **overrides):
+  """Task ``name`` at the reproduction's size (the suite's quick plan if
+  ``quick``, else its cpu plan with :data:`CONFIG_OVERRIDES`), with
+  ``overrides`` of its config on top."""
   module = tasks_lib.TASKS[name]
   plan = _suite.plans("quick" if quick else "cpu")[name]
   config = _suite.task_config(module, plan)
-  overrides = {} if quick else CONFIG_OVERRIDES.get(name, {})
-  config = dataclasses.replace(config, num_tangents=NUM_TANGENTS, **overrides)
-  task = module.make(config)
+  fixed = {} if quick else CONFIG_OVERRIDES.get(name, {})
+  return module.make(dataclasses.replace(config, **{**fixed, **overrides}))
+
+
+def run_task(name: str, quick: bool, out: Path) -> dict:
+  task = reproduction_task(name, quick, num_tangents=NUM_TANGENTS)
+  config = task.config
   steps = 20 if quick else STEPS.get(name, DEFAULT_STEPS)
   tune_steps = 10 if quick else TUNE_STEPS
   seeds = SEEDS[:1] if quick else SEEDS
@@ -338,6 +345,11 @@ def run_task(name: str, quick: bool, out: Path) -> dict:
 
 def params_at(stacked, index: int):
   return jax.tree.map(lambda x: x[index], stacked)
+
+
+def stacked(params):
+  """One run's parameters with a leading run axis of 1, as :func:`evaluate` takes."""
+  return jax.tree.map(lambda x: x[None], params)
 
 
 def reach_verdict(errors: dict) -> dict:

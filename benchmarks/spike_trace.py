@@ -43,7 +43,6 @@ Writes ``benchmarks/results/spike_trace.json``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 
@@ -133,7 +132,7 @@ def trace(task, optimizer, params, batch_keys) -> tuple[dict[str, np.ndarray], d
   records = {name: np.asarray(value) for name, value in records.items()}
   # The final parameters on the reproduction's fixed evaluation batches: a
   # run can end where held-out trials cross an instability.
-  held_out = reproduce.evaluate(task, jax.tree.map(lambda leaf: leaf[None], final))
+  held_out = reproduce.evaluate(task, reproduce.stacked(final))
   return records, {name: values[0] for name, values in held_out.items()}
 
 
@@ -284,13 +283,8 @@ def main(argv=None) -> int:
   if args.quick:
     reproduce.NUM_TANGENTS = reproduce.QUICK_NUM_TANGENTS
   out = _harness.output_path(args.output, "spike_trace.json", args.quick)
-  module = reproduce.tasks_lib.TASKS[args.task]
-  plan = reproduce._suite.plans("quick" if args.quick else "cpu")[args.task]
-  config = reproduce._suite.task_config(module, plan)
-  overrides = {} if args.quick else dict(reproduce.CONFIG_OVERRIDES.get(args.task, {}))
-  if args.batch_size is not None:
-    overrides["batch_size"] = args.batch_size
-  task = module.make(dataclasses.replace(config, **overrides))
+  overrides = {} if args.batch_size is None else {"batch_size": args.batch_size}
+  task = reproduce.reproduction_task(args.task, args.quick, **overrides)
   steps = 20 if args.quick else reproduce.STEPS.get(args.task, reproduce.DEFAULT_STEPS)
   seeds = [int(seed) for seed in args.seeds.split(",")]
   payload = {

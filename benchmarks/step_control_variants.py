@@ -21,7 +21,6 @@ Writes ``benchmarks/results/step_control_variants.json`` after every task.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -224,13 +223,8 @@ def main(argv=None) -> int:
     payload["command"] = f"{previous['command']}; then {payload['command']}"
   begin_all = time.perf_counter()
   for name in args.tasks.split(","):
-    module = reproduce.tasks_lib.TASKS[name]
-    plan = reproduce._suite.plans("quick" if args.quick else "cpu")[name]
-    config = reproduce._suite.task_config(module, plan)
-    overrides = {} if args.quick else dict(reproduce.CONFIG_OVERRIDES.get(name, {}))
-    if args.batch_size is not None:
-      overrides["batch_size"] = args.batch_size
-    task = module.make(dataclasses.replace(config, **overrides))
+    overrides = {} if args.batch_size is None else {"batch_size": args.batch_size}
+    task = reproduce.reproduction_task(name, args.quick, **overrides)
     steps = 20 if args.quick else reproduce.STEPS.get(name, reproduce.DEFAULT_STEPS)
     seeds = reproduce.SEEDS[:1] if args.quick else reproduce.SEEDS
     if args.seeds:
