@@ -11,6 +11,7 @@ it generalised badly. Both return an :class:`Outcome`.
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import jax
@@ -131,13 +132,29 @@ def controlled_step(
   if last_update is not None:
     # One more trial point: the parameters before the last step.
     offsets = jnp.concatenate([offsets, -last_update[None]])
-  losses = trial_losses(
-    loss_fn,
-    part,
-    tangents_lib.unflatten(offsets, part.trainable),
-    has_aux,
-    data_axis_name,
+  precision = settings.loss_precision
+  if precision is not None:
+    # And the parameters themselves, so that the loss before the step is
+    # computed like the trials' (see StepControl.loss_precision).
+    offsets = jnp.concatenate([offsets, jnp.zeros_like(offsets[:1])])
+  # A None precision must leave the caller's setting alone, not reset it.
+  context = (
+    contextlib.nullcontext()
+    if precision is None
+    else jax.default_matmul_precision(precision)
   )
+  with context:
+    losses = trial_losses(
+      loss_fn,
+      part,
+      tangents_lib.unflatten(offsets, part.trainable),
+      has_aux,
+      data_axis_name,
+    )
+  if precision is None:
+    loss_before = sketch.value
+  else:
+    loss_before, losses = losses[-1], losses[:-1]
   within = True
   if settings.max_step_ratio is not None:
     # Per-leaf sums of squares: no parameter-sized copy on the hot path.
@@ -148,7 +165,7 @@ def controlled_step(
     settings,
     trials,
     losses[: settings.num_trials],
-    sketch.value,
+    loss_before,
     system.finite,
     within,
   )
@@ -171,7 +188,7 @@ def controlled_step(
       None,
     )
   previous_loss = losses[-1]
-  reverted = is_spike(sketch.value, previous_loss, settings.revert_ratio)
+  reverted = is_spike(loss_before, previous_loss, settings.revert_ratio)
   # The chain multiplies this transform's output by -eta: hand it the last
   # update over eta, and the parameters go back to where they were.
   inverse_eta = jnp.where(jnp.asarray(eta) > 0, 1.0 / jnp.asarray(eta), 0.0)
