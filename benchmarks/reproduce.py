@@ -220,8 +220,11 @@ def reproduction_task(name: str, quick: bool, **overrides):
   return module.make(dataclasses.replace(config, **{**fixed, **overrides}))
 
 
-def run_task(name: str, quick: bool, out: Path) -> dict:
-  task = reproduction_task(name, quick, num_tangents=NUM_TANGENTS)
+def run_task(name: str, quick: bool, out: Path, batch_size: int | None = None) -> dict:
+  """Every method of the reproduction on task ``name``; ``batch_size``
+  overrides the task's (training and held-out batches alike)."""
+  overrides = {} if batch_size is None else {"batch_size": batch_size}
+  task = reproduction_task(name, quick, num_tangents=NUM_TANGENTS, **overrides)
   config = task.config
   steps = 20 if quick else STEPS.get(name, DEFAULT_STEPS)
   tune_steps = 10 if quick else TUNE_STEPS
@@ -524,6 +527,12 @@ def main(argv=None) -> int:
     help="keep the tasks already in the output JSON (to run in parts)",
   )
   parser.add_argument(
+    "--batch-size",
+    type=int,
+    default=None,
+    help="override every task's batch size (write to another --output)",
+  )
+  parser.add_argument(
     "--table",
     action="store_true",
     help="print the markdown tables of an existing JSON and exit",
@@ -557,7 +566,7 @@ def main(argv=None) -> int:
     payload["command"] = previous["command"] + " && " + payload["command"]
   begin = time.perf_counter()
   for name in args.tasks.split(","):
-    payload["tasks"][name] = run_task(name, args.quick, out)
+    payload["tasks"][name] = run_task(name, args.quick, out, args.batch_size)
     payload["seconds"] = time.perf_counter() - begin
     _harness.write_json(out, payload)
     plot(payload, out.with_suffix(".png"))

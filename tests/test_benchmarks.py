@@ -165,9 +165,15 @@ def test_remat_baseline_quick(tmp_path):
 
 def test_reproduction_quick(tmp_path):
   payload = _run_script(
-    "reproduce.py", tmp_path / "reproduction.json", "--tasks", "flip_flop"
+    "reproduce.py",
+    tmp_path / "reproduction.json",
+    "--tasks",
+    "flip_flop",
+    "--batch-size",
+    "6",
   )
   task = payload["tasks"]["flip_flop"]
+  assert task["config"]["batch_size"] == 6
   for method in ("sofo_defaults", "sofo_paper", "sofo_tuned", "adam"):
     assert math.isfinite(task[method]["final_loss"]) and task[method]["ms_per_step"] > 0
   assert len(task["adam"]["grid"]) == 7
