@@ -209,10 +209,15 @@ def target_for(name: str, task) -> float:
   return 1.1 * float(floor)
 
 
-def reproduction_task(name: str, quick: bool, **overrides):
+def reproduction_task(
+  name: str, quick: bool, batch_size: int | None = None, **overrides
+):
   """Task ``name`` at the reproduction's size (the suite's quick plan if
   ``quick``, else its cpu plan with :data:`CONFIG_OVERRIDES`), with
-  ``overrides`` of its config on top."""
+  ``overrides`` of its config on top; ``batch_size`` (None: the plan's)
+  sets the training and held-out batches alike."""
+  if batch_size is not None:
+    overrides["batch_size"] = batch_size
   module = tasks_lib.TASKS[name]
   plan = _suite.plans("quick" if quick else "cpu")[name]
   config = _suite.task_config(module, plan)
@@ -223,8 +228,7 @@ def reproduction_task(name: str, quick: bool, **overrides):
 def run_task(name: str, quick: bool, out: Path, batch_size: int | None = None) -> dict:
   """Every method of the reproduction on task ``name``; ``batch_size``
   overrides the task's (training and held-out batches alike)."""
-  overrides = {} if batch_size is None else {"batch_size": batch_size}
-  task = reproduction_task(name, quick, num_tangents=NUM_TANGENTS, **overrides)
+  task = reproduction_task(name, quick, batch_size, num_tangents=NUM_TANGENTS)
   config = task.config
   steps = 20 if quick else STEPS.get(name, DEFAULT_STEPS)
   tune_steps = 10 if quick else TUNE_STEPS

@@ -283,8 +283,7 @@ def main(argv=None) -> int:
   if args.quick:
     reproduce.NUM_TANGENTS = reproduce.QUICK_NUM_TANGENTS
   out = _harness.output_path(args.output, "spike_trace.json", args.quick)
-  overrides = {} if args.batch_size is None else {"batch_size": args.batch_size}
-  task = reproduce.reproduction_task(args.task, args.quick, **overrides)
+  task = reproduce.reproduction_task(args.task, args.quick, args.batch_size)
   steps = 20 if args.quick else reproduce.STEPS.get(args.task, reproduce.DEFAULT_STEPS)
   seeds = [int(seed) for seed in args.seeds.split(",")]
   payload = {

@@ -223,8 +223,7 @@ def main(argv=None) -> int:
     payload["command"] = f"{previous['command']}; then {payload['command']}"
   begin_all = time.perf_counter()
   for name in args.tasks.split(","):
-    overrides = {} if args.batch_size is None else {"batch_size": args.batch_size}
-    task = reproduce.reproduction_task(name, args.quick, **overrides)
+    task = reproduce.reproduction_task(name, args.quick, args.batch_size)
     steps = 20 if args.quick else reproduce.STEPS.get(name, reproduce.DEFAULT_STEPS)
     seeds = reproduce.SEEDS[:1] if args.quick else reproduce.SEEDS
     if args.seeds:
