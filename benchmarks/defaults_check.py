@@ -59,6 +59,8 @@ VARIANTS = {
   "min_rho_half": {"step_control": sofo_jax.StepControl(min_rho=0.5)},
   "max_step_ratio_0.1": {"step_control": sofo_jax.StepControl(max_step_ratio=0.1)},
   "max_step_ratio_0.15": {"step_control": sofo_jax.StepControl(max_step_ratio=0.15)},
+  # A stability margin: the step taken 1.5 times as far must still lower the loss.
+  "lookahead_1.5": {"step_control": sofo_jax.StepControl(lookahead=1.5)},
   # The options beyond the paper, each on top of the defaults.
   "momentum": {"momentum": True},
   "recycle_quarter": {"num_recycled": -4},  # K // 4, resolved in run()

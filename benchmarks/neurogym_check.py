@@ -40,6 +40,8 @@ VARIANTS = {
   "min_rho_0.5": {"step_control": sofo_jax.StepControl(min_rho=0.5)},
   # A trust region: no step longer than a tenth of the parameters' norm.
   "max_step_ratio_0.1": {"step_control": sofo_jax.StepControl(max_step_ratio=0.1)},
+  # A stability margin: the step taken 1.5 times as far must still lower the loss.
+  "lookahead_1.5": {"step_control": sofo_jax.StepControl(lookahead=1.5)},
 }
 HELD_OUT_SEED = 2024
 HELD_OUT_BATCHES = 8

@@ -131,6 +131,12 @@ VARIANTS = {
   # batch, was StepControl(step_after_revert=True) at commit a99b7b7, removed
   # after it lost (benchmarks/README.md, "Stepping after an undo").
   "no_revert": {"step_control": sofo_jax.StepControl(revert_ratio=None)},
+  # A stability margin: accept a trial only if the same step taken 1.5 or 2
+  # times as far still lowers the loss on its batch.
+  **{
+    f"lookahead_{a:g}": {"step_control": sofo_jax.StepControl(lookahead=a)}
+    for a in (1.5, 2.0)
+  },
   # Adam + BPTT at delayed addition's best rate of the reproduction's grid,
   # for reference on the same seeds.
   "adam": {"adam": 3e-4},

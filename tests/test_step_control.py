@@ -77,6 +77,36 @@ def test_max_step_ratio_bounds_every_step_it_accepts():
   assert 0 < longest[ratio] <= ratio * (1 + 1e-5)
 
 
+@pytest.mark.parametrize(
+  "lookahead, expected", [(None, 1.0 / (1.0 + 1e-4)), (1.5, 0.5)]
+)
+def test_lookahead_skips_a_step_next_to_a_cliff(x64, lookahead, expected):
+  """f(y) = (y - 1)^2 / 2 + 1e6 relu(y - 1.2)^2 with y = theta, from theta = 0.
+
+  The curvature at 0 is 1 and the relu term is flat there, so the ladder's
+  dampings 1e-4, 1 and 1e4 (relative to s_max = 1) give the steps
+  1 / (1 + lambda): about 1, 0.5 and 1e-4. The least damped lands at about
+  1, the minimum, and passes on its own; taken 1.5 times as far it reaches
+  1.5, beyond the cliff at 1.2, so with the margin the half step is chosen
+  (1.5 x 0.5 = 0.75 is safe). By hand, not from the library.
+  """
+  fn = lambda y: jnp.sum(0.5 * (y - 1.0) ** 2 + 1e6 * jax.nn.relu(y - 1.2) ** 2)
+  loss_fn = lambda p: losses.custom(p["theta"], fn)
+  params = {"theta": jnp.zeros((1,), jnp.float64)}
+  control = sofo_jax.StepControl(
+    trial_growth=1e4, min_damping=1e-4, revert_ratio=None, lookahead=lookahead
+  )
+  opt = sofo_jax.sofo(
+    1.0, 1, 1e-4, key=jax.random.key(0), step_control=control, momentum=False
+  )
+  updates, state = opt.update(None, opt.init(params), params, loss_fn=loss_fn)
+  theta = optax.apply_updates(params, updates)["theta"]
+  np.testing.assert_allclose(theta, [expected], rtol=1e-10)
+  diagnostics = sofo_jax.get_diagnostics(state)
+  assert not bool(diagnostics.step_rejected)
+  np.testing.assert_allclose(diagnostics.rho, 1.0, rtol=1e-10)
+
+
 def test_learning_rate_enters_the_trial_point():
   """The trial loss is the loss at the parameters the chain actually produces."""
   params, loss_fn = _rnn_problem(3)
@@ -174,6 +204,7 @@ def test_non_finite_loss_after_a_step_is_undone():
     {"num_recycled": 2},
     {"step_control": sofo_jax.StepControl(revert_ratio=None)},
     {"step_control": sofo_jax.StepControl(loss_precision="float32")},
+    {"step_control": sofo_jax.StepControl(lookahead=1.5)},
   ],
 )
 def test_state_is_fixed_shape_and_scans(options):
@@ -282,6 +313,8 @@ def test_step_control_settings_are_checked():
     sofo_jax.StepControl(revert_ratio=0.5)
   with pytest.raises(ValueError, match="max_step_ratio"):
     sofo_jax.StepControl(max_step_ratio=0.0)
+  with pytest.raises(ValueError, match="lookahead"):
+    sofo_jax.StepControl(lookahead=1.0)
   with pytest.raises(TypeError, match="num_trials"):
     sofo_jax.StepControl(num_trials=2.0)
   with pytest.raises(TypeError, match="StepControl"):

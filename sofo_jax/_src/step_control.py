@@ -132,6 +132,16 @@ class StepControl:
       Whether this option, which keeps TF32 for the sketch, does as well has
       not been measured on a GPU; on a CPU, whose matmuls are float32, it
       changes nothing but the extra pass.
+    lookahead: a stability margin along the step. A trial step
+      :math:`\\delta_j` is accepted only if the loss at
+      :math:`\\theta + a\\,\\delta_j`, with :math:`a` = ``lookahead`` > 1,
+      is finite and no higher than the loss before the step: the step must
+      still be a descent step when taken :math:`a` times as far. On an exact
+      quadratic model a full Gauss–Newton step passes for any
+      :math:`a < 2` (the loss returns to its start at :math:`a = 2`); a step
+      that lands near the edge of a recurrent network's stable region does
+      not, because just beyond it the loss explodes. M more forward passes
+      in the same batched trial pass. ``None`` (the default) sets no margin.
 
   Example:
     >>> import sofo_jax
@@ -149,6 +159,7 @@ class StepControl:
   revert_ratio: float | None = 2.0
   max_step_ratio: float | None = None
   loss_precision: str | None = None
+  lookahead: float | None = None
 
   def __post_init__(self):
     if isinstance(self.num_trials, bool) or not isinstance(self.num_trials, int):
@@ -169,6 +180,8 @@ class StepControl:
       checks += (("revert_ratio", self.revert_ratio >= 1.0, ">= 1 (or None)"),)
     if self.max_step_ratio is not None:
       checks += (("max_step_ratio", self.max_step_ratio > 0.0, "> 0 (or None)"),)
+    if self.lookahead is not None:
+      checks += (("lookahead", self.lookahead > 1.0, "> 1 (or None)"),)
     if self.loss_precision is not None:
       try:
         # JAX's own check of the name; sets nothing outside the block and
@@ -293,7 +306,8 @@ def choose(
     loss: the loss before the step, on this batch.
     finite: whether the sketch was finite (if not, every trial is rejected).
     within: per trial, whether its step lies inside the trust region
-      (``max_step_ratio``); True when there is none.
+      (``max_step_ratio``) and passes the ``lookahead`` margin; True when
+      neither is set.
 
   Returns:
     A :class:`ControlledStep`.

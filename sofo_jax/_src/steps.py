@@ -129,14 +129,19 @@ def controlled_step(
   last_update = (
     _flat_last_update(state, dtype) if settings.revert_ratio is not None else None
   )
+  num_trials = settings.num_trials
+  points = offsets
+  if settings.lookahead is not None:
+    # M more trial points: each step taken `lookahead` times as far.
+    points = jnp.concatenate([points, settings.lookahead * offsets])
   if last_update is not None:
     # One more trial point: the parameters before the last step.
-    offsets = jnp.concatenate([offsets, -last_update[None]])
+    points = jnp.concatenate([points, -last_update[None]])
   precision = settings.loss_precision
   if precision is not None:
     # And the parameters themselves, so that the loss before the step is
     # computed like the trials' (see StepControl.loss_precision).
-    offsets = jnp.concatenate([offsets, jnp.zeros_like(offsets[:1])])
+    points = jnp.concatenate([points, jnp.zeros_like(points[:1])])
   # A None precision must leave the caller's setting alone, not reset it.
   context = (
     contextlib.nullcontext()
@@ -147,7 +152,7 @@ def controlled_step(
     losses = trial_losses(
       loss_fn,
       part,
-      tangents_lib.unflatten(offsets, part.trainable),
+      tangents_lib.unflatten(points, part.trainable),
       has_aux,
       data_axis_name,
     )
@@ -159,12 +164,16 @@ def controlled_step(
   if settings.max_step_ratio is not None:
     # Per-leaf sums of squares: no parameter-sized copy on the hot path.
     params_norm = optax.tree.norm(part.trainable).astype(dtype)
-    step_norms = jnp.linalg.norm(offsets[: settings.num_trials], axis=-1)
+    step_norms = jnp.linalg.norm(offsets, axis=-1)
     within = ~(step_norms > settings.max_step_ratio * params_norm) | (params_norm == 0)
+  if settings.lookahead is not None:
+    beyond = losses[num_trials : 2 * num_trials].astype(loss_before.dtype)
+    # NaN compares False: a non-finite loss further on fails the margin.
+    within = within & (beyond <= loss_before)
   chosen = step_control_lib.choose(
     settings,
     trials,
-    losses[: settings.num_trials],
+    losses[:num_trials],
     loss_before,
     system.finite,
     within,
