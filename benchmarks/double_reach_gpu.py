@@ -23,19 +23,19 @@ errors on the reproduction's fixed evaluation batches with the verdict
 Time budget: ``--budget-s`` covers the whole script. Each method trains for
 ``--train-share`` of it (default 0.4); Adam gets no more than SOFO used and
 no more than what is left before the deadline, less a reserve for compiling
-and evaluating. ``DIR/double_reach_gpu.json`` (``_seed{S}``,
-``_{precision}`` and ``_loss_{precision}`` added to the name for a seed
-other than 0, a ``--matmul-precision`` or a ``--loss-precision``) is
-rewritten after each method, so a run cut short
+and evaluating. ``DIR/double_reach_gpu.json`` (``_seed{S}`` and
+``_{precision}`` added to the name for a seed other than 0 or a
+``--matmul-precision``) is rewritten after each method, so a run cut short
 keeps what it measured; the hand paths go beside it, as ``.png``.
 
 At TF32, JAX's default matmul precision on the H200, step control rejected
 about a third of SOFO's steps on seed 0 once the loss had levelled off, and
 none with ``--matmul-precision float32`` (``benchmarks/README.md``,
 "Rejections on the GPU"); where rejections fall is recorded
-(``rejected_per_100_steps``). ``--loss-precision float32`` tries the cheaper
-remedy, :class:`sofo_jax.StepControl`'s ``loss_precision``: float32 for
-step control's loss evaluations only.
+(``rejected_per_100_steps``). Evaluating only step control's losses in
+float32 rejected more (``double_reach_gpu_loss_float32.json``, made by this
+script at commit 09f9a73 with a ``--loss-precision`` option since removed):
+the rounding that matters is the sketch's.
 
 Usage::
 
@@ -55,7 +55,6 @@ import jax
 import numpy as np
 import reproduce
 
-import sofo_jax
 from sofo_jax import training
 from sofo_jax.tasks import double_reach
 
@@ -72,14 +71,11 @@ def _loss_at(losses: np.ndarray, step: int) -> float:
   return float(np.mean(window))
 
 
-def result_name(
-  seed: int, matmul_precision: str | None, loss_precision: str | None = None
-) -> str:
-  """The JSON's file stem: one per seed and precisions, so a rerun keeps the others."""
+def result_name(seed: int, matmul_precision: str | None) -> str:
+  """The JSON's file stem: one per seed and precision, so a rerun keeps the others."""
   name = "double_reach_gpu"
   name += f"_seed{seed}" if seed else ""
   name += f"_{matmul_precision}" if matmul_precision else ""
-  name += f"_loss_{loss_precision}" if loss_precision else ""
   return name
 
 
@@ -133,13 +129,6 @@ def main(argv=None) -> dict:
     "recent NVIDIA GPUs); float32 tells whether TF32 rounding in step control's "
     "loss evaluations causes rejections",
   )
-  parser.add_argument(
-    "--loss-precision",
-    default=None,
-    choices=("float32", "tensorfloat32"),
-    help="SOFO's StepControl(loss_precision=...): step control's loss "
-    "evaluations at this precision, the sketch at the default one",
-  )
   parser.add_argument("--out", default=None, help="output directory")
   args = parser.parse_args(argv)
   if not 0 < args.train_share <= 0.5:
@@ -148,7 +137,7 @@ def main(argv=None) -> dict:
   mode = "dry_run" if args.dry_run else "full"
   config = double_reach.Config.quick() if args.dry_run else double_reach.Config()
   task = double_reach.make(config)
-  name = result_name(args.seed, args.matmul_precision, args.loss_precision)
+  name = result_name(args.seed, args.matmul_precision)
   path = _harness.output_path(
     str(Path(args.out) / f"{name}.json") if args.out else None,
     f"{name}.json",
@@ -171,7 +160,6 @@ def main(argv=None) -> dict:
     },
     "seed": args.seed,
     "matmul_precision": args.matmul_precision,
-    "loss_precision": args.loss_precision,
     "budget_s": args.budget_s,
     "reach_tolerance_m": reproduce.REACH_TOLERANCE,
     "methods": {},
@@ -187,9 +175,6 @@ def main(argv=None) -> dict:
         payload["methods"][method] = {"status": "skipped: time budget"}
         break
     _harness.log(f"{method}: training for up to {train_s:.0f} s")
-    options = {}
-    if method == "sofo" and args.loss_precision:
-      options["step_control"] = sofo_jax.StepControl(loss_precision=args.loss_precision)
     with jax.default_matmul_precision(args.matmul_precision):
       history = training.fit(
         task,
@@ -199,7 +184,6 @@ def main(argv=None) -> dict:
         chunk_size=CHUNK_STEPS[mode],
         max_seconds=train_s,
         progress=False,
-        **options,
       )
     histories[method] = history
     figures = method_figures(task, history)

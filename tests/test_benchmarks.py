@@ -347,15 +347,15 @@ def test_double_reach_gpu_dry_run(tmp_path):
       "20",
       "--train-share",
       "0.2",
-      "--loss-precision",
+      "--matmul-precision",
       "float32",
       "--out",
       str(tmp_path),
     ],
     timeout=600,
   )
-  payload = json.loads((tmp_path / "double_reach_gpu_loss_float32.json").read_text())
-  assert payload["loss_precision"] == "float32"
+  payload = json.loads((tmp_path / "double_reach_gpu_float32.json").read_text())
+  assert payload["matmul_precision"] == "float32"
   sofo, adam = payload["methods"]["sofo"], payload["methods"]["adam"]
   assert sofo["num_tangents"] == payload["config"]["num_tangents"]
   assert adam["num_tangents"] is None
@@ -367,7 +367,7 @@ def test_double_reach_gpu_dry_run(tmp_path):
     first, second = figures["reach_error_1_m"], figures["reach_error_2_m"]
     assert figures["double_reach_produced"] == (first < 0.02 and second < 0.02)
   assert payload["equal_iterations"]["steps"] == min(sofo["steps"], adam["steps"])
-  assert (tmp_path / "double_reach_gpu_loss_float32.png").stat().st_size > 0
+  assert (tmp_path / "double_reach_gpu_float32.png").stat().st_size > 0
 
 
 def test_double_reach_gpu_names_its_file_by_seed_and_precision(monkeypatch):
@@ -378,8 +378,8 @@ def test_double_reach_gpu_names_its_file_by_seed_and_precision(monkeypatch):
   assert double_reach_gpu.result_name(1, None) == "double_reach_gpu_seed1"
   assert double_reach_gpu.result_name(0, "float32") == "double_reach_gpu_float32"
   assert (
-    double_reach_gpu.result_name(2, None, "float32")
-    == "double_reach_gpu_seed2_loss_float32"
+    double_reach_gpu.result_name(2, "tensorfloat32")
+    == "double_reach_gpu_seed2_tensorfloat32"
   )
 
 

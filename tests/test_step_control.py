@@ -26,17 +26,11 @@ def _rnn_problem(seed):
   return params, lambda p: models.rnn_scan_loss(p, xs, targets)
 
 
-@pytest.mark.parametrize("loss_precision", [None, "float32"])
 @pytest.mark.parametrize("learning_rate", [1.0, 3.0])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_an_accepted_step_never_increases_its_own_batch_loss(
-  seed, learning_rate, loss_precision
-):
+def test_an_accepted_step_never_increases_its_own_batch_loss(seed, learning_rate):
   params, loss_fn = _rnn_problem(seed)
-  control = sofo_jax.StepControl(loss_precision=loss_precision)
-  opt = sofo_jax.sofo(
-    learning_rate, 4, 1e-4, key=jax.random.key(seed), step_control=control
-  )
+  opt = sofo_jax.sofo(learning_rate, 4, 1e-4, key=jax.random.key(seed))
   state = opt.init(params)
   step = jax.jit(lambda p, s: opt.update(None, s, p, loss_fn=loss_fn))
   value = jax.jit(lambda p: loss_fn(p).value)
@@ -203,7 +197,6 @@ def test_non_finite_loss_after_a_step_is_undone():
     {"momentum": True},
     {"num_recycled": 2},
     {"step_control": sofo_jax.StepControl(revert_ratio=None)},
-    {"step_control": sofo_jax.StepControl(loss_precision="float32")},
     {"step_control": sofo_jax.StepControl(lookahead=1.5)},
   ],
 )
@@ -262,49 +255,7 @@ def test_momentum_tangent_is_the_last_update():
   )
 
 
-def _highest_precision_dots(opt, params, loss_fn):
-  """How many dot products in one traced update ask for float32 matmuls."""
-  state = opt.init(params)
-  jaxpr = jax.make_jaxpr(lambda p, s: opt.update(None, s, p, loss_fn=loss_fn))(
-    params, state
-  )
-  return str(jaxpr).count("Precision.HIGHEST")
-
-
-def test_loss_precision_sets_only_the_loss_evaluations_precision():
-  params, loss_fn = _rnn_problem(6)
-  make = lambda precision: sofo_jax.sofo(
-    1.0,
-    4,
-    key=jax.random.key(0),
-    step_control=sofo_jax.StepControl(loss_precision=precision),
-  )
-  assert _highest_precision_dots(make(None), params, loss_fn) == 0
-  with_option = _highest_precision_dots(make("float32"), params, loss_fn)
-  assert with_option > 0
-  # A caller's own precision still reaches the sketch, which the option
-  # leaves alone; and None does not reset it inside the loss evaluations.
-  with jax.default_matmul_precision("float32"):
-    everywhere = _highest_precision_dots(make(None), params, loss_fn)
-  assert everywhere > with_option
-
-  # On a CPU, whose matmuls are float32 either way, the option changes the
-  # steps only by the round-off of evaluating the loss before the step again.
-  runs = []
-  for precision in (None, "float32"):
-    opt, p = make(precision), params
-    state = opt.init(p)
-    step = jax.jit(lambda p, s, o=opt: o.update(None, s, p, loss_fn=loss_fn))
-    for _ in range(4):
-      updates, state = step(p, state)
-      p = optax.apply_updates(p, updates)
-    runs.append(ravel_pytree(p)[0])
-  np.testing.assert_allclose(runs[1], runs[0], rtol=1e-4, atol=1e-6)
-
-
 def test_step_control_settings_are_checked():
-  with pytest.raises(ValueError, match="loss_precision"):
-    sofo_jax.StepControl(loss_precision="float7")
   with pytest.raises(ValueError, match="trial_growth"):
     sofo_jax.StepControl(trial_growth=1.0)
   with pytest.raises(ValueError, match="decrease"):

@@ -118,20 +118,6 @@ class StepControl:
       is not the default because a bound relative to the parameters' norm
       also slows problems whose optimum is far from the start, or near
       zero (``benchmarks/README.md``, "Late spikes").
-    loss_precision: the matmul precision of step control's loss
-      evaluations, as :func:`jax.default_matmul_precision` takes it (for
-      example ``"float32"``); ``None`` (the default) keeps JAX's. When set,
-      the loss before the step is evaluated again, in the same batched
-      forward pass as the trials and at the same precision (one more forward
-      pass), so that every comparison step control makes is between losses
-      computed alike. The sketch keeps the default precision. Meant for GPUs,
-      whose default float32 matmuls round their operands to TF32: on the
-      H200, at the paper's double-reach size, those rounded losses made step
-      control reject 273 of 800 steps once the loss had levelled off, and
-      none in float32 (``benchmarks/README.md``, "Rejections on the GPU").
-      Whether this option, which keeps TF32 for the sketch, does as well has
-      not been measured on a GPU; on a CPU, whose matmuls are float32, it
-      changes nothing but the extra pass.
     lookahead: a stability margin along the step. A trial step
       :math:`\\delta_j` is accepted only if the loss at
       :math:`\\theta + a\\,\\delta_j`, with :math:`a` = ``lookahead`` > 1,
@@ -165,7 +151,6 @@ class StepControl:
   max_damping: float = 1e3
   revert_ratio: float | None = 2.0
   max_step_ratio: float | None = None
-  loss_precision: str | None = None
   lookahead: float | None = None
 
   def __post_init__(self):
@@ -189,17 +174,6 @@ class StepControl:
       checks += (("max_step_ratio", self.max_step_ratio > 0.0, "> 0 (or None)"),)
     if self.lookahead is not None:
       checks += (("lookahead", self.lookahead > 1.0, "> 1 (or None)"),)
-    if self.loss_precision is not None:
-      try:
-        # JAX's own check of the name; sets nothing outside the block and
-        # starts no backend.
-        with jax.default_matmul_precision(self.loss_precision):
-          pass
-      except ValueError as error:
-        raise ValueError(
-          "StepControl.loss_precision must be None or a precision that "
-          f"jax.default_matmul_precision accepts; got {self.loss_precision!r}."
-        ) from error
     for name, ok, rule in checks:
       value = getattr(self, name)
       if not (

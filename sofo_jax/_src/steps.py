@@ -11,7 +11,6 @@ it generalised badly. Both return an :class:`Outcome`.
 
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple
 
 import jax
@@ -137,29 +136,14 @@ def controlled_step(
   if last_update is not None:
     # One more trial point: the parameters before the last step.
     points = jnp.concatenate([points, -last_update[None]])
-  precision = settings.loss_precision
-  if precision is not None:
-    # And the parameters themselves, so that the loss before the step is
-    # computed like the trials' (see StepControl.loss_precision).
-    points = jnp.concatenate([points, jnp.zeros_like(points[:1])])
-  # A None precision must leave the caller's setting alone, not reset it.
-  context = (
-    contextlib.nullcontext()
-    if precision is None
-    else jax.default_matmul_precision(precision)
+  losses = trial_losses(
+    loss_fn,
+    part,
+    tangents_lib.unflatten(points, part.trainable),
+    has_aux,
+    data_axis_name,
   )
-  with context:
-    losses = trial_losses(
-      loss_fn,
-      part,
-      tangents_lib.unflatten(points, part.trainable),
-      has_aux,
-      data_axis_name,
-    )
-  if precision is None:
-    loss_before = sketch.value
-  else:
-    loss_before, losses = losses[-1], losses[:-1]
+  loss_before = sketch.value
   within = True
   if settings.max_step_ratio is not None:
     # Per-leaf sums of squares: no parameter-sized copy on the hot path.
