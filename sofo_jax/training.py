@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -25,6 +26,9 @@ from sofo_jax._src import state_utils, transform
 
 METHODS = ("sofo", "adam", "fgd", "sgd")
 
+# Seconds between progress-bar refreshes when stderr is not a terminal.
+LOG_REFRESH_SECONDS = 60.0
+
 # Learning rates used when neither the caller nor the task says otherwise.
 # SOFO's is the paper's; its adaptive step control makes it safe from a
 # random initialisation. SGD's raw gradient needs a far smaller step: 1e-2
@@ -32,9 +36,20 @@ METHODS = ("sofo", "adam", "fgd", "sgd")
 # Forward-gradient descent's update (P/K) Θ g̃ is noisier still (variance
 # about P/K times the gradient's): at 1e-2 it diverged on the Kalman and
 # double-reach tasks' quick sizes, at 1e-3 on none.
-# Seconds between progress-bar refreshes when stderr is not a terminal.
-LOG_REFRESH_SECONDS = 60.0
 DEFAULT_LEARNING_RATES = {"sofo": 1.0, "fgd": 1e-3, "sgd": 1e-2}
+
+
+# On an accelerator whose float32 matmuls JAX rounds by default, fit warns
+# once when step control rejected at least this share of the last
+# REJECTION_WINDOW SOFO steps. On an H200 at TF32 a run rejected four in
+# five from step 500 on and its loss stopped falling; none did with float32
+# matmuls. Not on a CPU, whose matmuls are float32: there no run on the
+# library's tasks rejected more than three steps in 1000-1500, and a
+# full-batch problem that has converged rejects every step, rightly.
+REJECTION_WINDOW = 100
+REJECTION_WARNING_SHARE = 0.5
+# Matmul precisions at which float32 matmuls are not rounded.
+_FULL_PRECISIONS = ("float32", "highest")
 
 
 @dataclasses.dataclass
@@ -224,6 +239,13 @@ def fit(
   Returns:
     A :class:`History`.
 
+  Warns:
+    RuntimeWarning: once, on a GPU or TPU at JAX's default matmul
+      precision, if SOFO's step control rejected at least
+      :data:`REJECTION_WARNING_SHARE` of the last :data:`REJECTION_WINDOW`
+      steps (see :attr:`History.step_rejected`); the message says what to
+      try.
+
   Example:
     >>> import jax
     >>> from sofo_jax import training
@@ -283,6 +305,7 @@ def fit(
       compiled[keys.shape[0]] = run_chunk.lower(carry, keys).compile()
   losses: list[np.ndarray] = []
   rejected, reverted, seconds, elapsed = [], [], [], 0.0
+  recent_rejected, warned = np.zeros(0, bool), False
   bar = _progress_bar(num_steps, f"{task.name}/{method}", progress)
   for start in starts:
     if max_seconds is not None and losses and elapsed >= max_seconds:
@@ -295,6 +318,15 @@ def fit(
     spent = time.perf_counter() - begin
     losses.append(np.asarray(chunk_losses))
     rejected.append(np.asarray(chunk_rejected))
+    if not warned and _matmuls_rounded():
+      recent_rejected = np.concatenate([recent_rejected, rejected[-1]])
+      recent_rejected = recent_rejected[-REJECTION_WINDOW:]
+      warned = (
+        recent_rejected.size == REJECTION_WINDOW
+        and recent_rejected.mean() >= REJECTION_WARNING_SHARE
+      )
+      if warned:
+        _warn_many_rejections(int(recent_rejected.sum()))
     reverted.append(np.asarray(chunk_reverted))
     seconds.append(elapsed + spent * np.arange(1, size + 1) / size)
     elapsed += spent
@@ -322,6 +354,27 @@ def fit(
     num_nonfinite_steps=nonfinite,
     step_rejected=np.concatenate(rejected),
     step_reverted=np.concatenate(reverted),
+  )
+
+
+def _matmuls_rounded() -> bool:
+  """Whether JAX may round float32 matmul operands here (TF32, bfloat16)."""
+  precision = jax.config.jax_default_matmul_precision  # type: ignore[attr-defined]
+  return jax.default_backend() != "cpu" and precision not in _FULL_PRECISIONS
+
+
+def _warn_many_rejections(count: int) -> None:
+  warnings.warn(
+    f"SOFO's step control rejected {count} of the last {REJECTION_WINDOW}"
+    " steps: the steps it proposes no longer lower the loss on their own"
+    f" batches. On a {jax.default_backend().upper()}, JAX's default float32 matmuls"
+    " round their operands (TF32 on recent NVIDIA GPUs), and near a plateau"
+    " that rounding in the sketch can make most steps fail and stall"
+    ' training: train under jax.default_matmul_precision("float32"). (On a'
+    " full-batch problem it can also mean the loss has converged.) See"
+    " 'Many rejected steps on a GPU' in docs/getting_started.md.",
+    RuntimeWarning,
+    stacklevel=3,
   )
 
 

@@ -336,6 +336,29 @@ def test_neurogym_check_quick(tmp_path):
   assert all(0.0 <= row["accuracy"] <= 1.0 for row in payload["rows"])
 
 
+def test_tf32_emulation_quick(tmp_path, monkeypatch):
+  payload = _run_script("tf32_emulation.py", tmp_path / "tf32.json")
+  runs = payload["runs"]
+  assert set(runs) == {"sofo_tf32", "sofo_float32"}
+  tf32, float32 = runs["sofo_tf32"]["0"], runs["sofo_float32"]["0"]
+  for run in (tf32, float32):
+    assert sum(run["rejected_per_100_steps"]) == run["steps_rejected"]
+    assert math.isfinite(run["final_loss"]) and run["eval_loss"] > 0
+  # The emulation changes the arithmetic, a little.
+  assert tf32["final_loss"] != float32["final_loss"]
+  assert tf32["final_loss"] == pytest.approx(float32["final_loss"], rel=0.05)
+  # ... and only inside its block.
+  monkeypatch.syspath_prepend(str(RUN.parent))
+  import tf32_emulation  # pylint: disable=g-import-not-at-top
+
+  from sofo_jax.tasks import _rnn  # pylint: disable=g-import-not-at-top
+
+  original = _rnn.LeakyRNN.__call__
+  with tf32_emulation.tf32_matmuls():
+    assert _rnn.LeakyRNN.__call__ is not original
+  assert _rnn.LeakyRNN.__call__ is original
+
+
 def test_double_reach_gpu_dry_run(tmp_path):
   """Both methods train for equal time and get a verdict; the budget is kept."""
   run_ok(

@@ -1,5 +1,7 @@
 """SOFO actually trains: exact on least squares, and beats tuned Adam on an RNN."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -202,3 +204,56 @@ def test_fit_stops_at_a_chunk_boundary_once_max_seconds_is_spent():
   np.testing.assert_allclose(cut.losses, full.losses[:4], rtol=1e-6)
   with pytest.raises(ValueError, match="max_seconds"):
     training.fit(task, "sofo", 2, key=key, max_seconds=-1.0, progress=False)
+
+
+def _task_at_the_loss_precision_limit():
+  """One weight, and a constant residual that lifts the loss to about 1.8e4.
+
+  Float32 resolves changes of about 2e-3 there, so once the weight is near
+  its optimum no step's decrease shows, and step control rejects nearly
+  every step: what TF32 rounding in the sketch did near a plateau on a GPU.
+  """
+  x = jnp.ones((4, 1))
+
+  def loss_fn(params, batch):
+    del batch
+    predictions = jnp.concatenate([x * params["w"], jnp.full((1, 1), 300.0)])
+    return losses.mse(predictions, jnp.concatenate([0.8 * x, jnp.zeros((1, 1))]))
+
+  return sofo_jax.tasks.Task(
+    name="precision_limit",
+    config=sofo_jax.tasks.TaskConfig(batch_size=4, num_tangents=1),
+    init_params=lambda key: {"w": jnp.zeros((1,))},
+    sample_batch=lambda key: jnp.zeros(()),
+    loss_fn=loss_fn,
+    metrics=lambda params, batch: {},
+    outputs=lambda params, batch: {},
+  )
+
+
+def _rejection_warnings(task, num_steps=200):
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    history = training.fit(
+      task, "sofo", num_steps, key=jax.random.key(0), chunk_size=50, progress=False
+    )
+  messages = [str(w.message) for w in caught if "rejected" in str(w.message)]
+  return history, messages
+
+
+def test_fit_warns_once_when_most_steps_are_rejected_on_an_accelerator(monkeypatch):
+  task = _task_at_the_loss_precision_limit()
+  history, messages = _rejection_warnings(task)
+  assert history.step_rejected[-100:].mean() >= 0.5
+  assert messages == []  # a CPU's matmuls are float32: nothing to advise
+  # As if on a GPU at JAX's default precision (TF32 there).
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  _, messages = _rejection_warnings(task)
+  assert len(messages) == 1
+  assert "of the last 100 steps" in messages[0]
+  assert 'jax.default_matmul_precision("float32")' in messages[0]
+  with jax.default_matmul_precision("float32"):
+    assert _rejection_warnings(task)[1] == []
+  # A task that trains does not warn.
+  flip_flop = sofo_jax.tasks.flip_flop
+  assert _rejection_warnings(flip_flop.make(flip_flop.Config.quick()))[1] == []
