@@ -3,9 +3,9 @@
 On an H200 at the paper's double-reach size, SOFO at its defaults rejected
 about three steps in four once its loss had levelled off, and stalled there,
 when the matmuls ran at TF32 (JAX's default on that GPU), but none with
-float32 matmuls; evaluating only step control's losses in float32
-(``StepControl(loss_precision="float32")``) did not help
-(``benchmarks/README.md``, "Rejections on the GPU"). So the rounding that
+float32 matmuls; evaluating only step control's losses in float32 (an
+option since removed) did not help (``benchmarks/README.md``, "Rejections
+on the GPU" and the section after it). So the rounding that
 matters is the sketch's. A candidate mechanism: TF32 keeps 10 mantissa bits,
 a relative error near :math:`2^{-11} \\approx 4.9 \\cdot 10^{-4}` per
 operand, which is above the damping floor of :math:`10^{-4} s_{\\max}`; the
@@ -153,6 +153,12 @@ def main(argv=None) -> int:
     help="training and held-out batch (default 64: less batch noise than the "
     "reproduction's 16, closer to the GPU run's 256)",
   )
+  parser.add_argument(
+    "--dt", type=float, default=None, help="time step (default the reproduction's)"
+  )
+  parser.add_argument(
+    "--num-hidden", type=int, default=None, help="units (default the reproduction's)"
+  )
   parser.add_argument("--output", default=None)
   args = parser.parse_args(argv)
   variants = args.variants.split(",")
@@ -160,8 +166,13 @@ def main(argv=None) -> int:
   if unknown:
     parser.error(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
   num_tangents = reproduce.QUICK_NUM_TANGENTS if args.quick else reproduce.NUM_TANGENTS
+  overrides = {"num_tangents": num_tangents}
+  if args.dt is not None:
+    overrides["dt"] = args.dt
+  if args.num_hidden is not None:
+    overrides["num_hidden"] = args.num_hidden
   task = reproduce.reproduction_task(
-    "double_reach", args.quick, args.batch_size, num_tangents=num_tangents
+    "double_reach", args.quick, args.batch_size, **overrides
   )
   steps = 20 if args.quick else args.steps
   seeds = [int(seed) for seed in args.seeds.split(",")]
@@ -170,6 +181,8 @@ def main(argv=None) -> int:
     "command": "python " + " ".join(["benchmarks/tf32_emulation.py", *sys.argv[1:]]),
     "task": "double_reach",
     "batch_size": task.config.batch_size,
+    "dt": task.config.dt,
+    "num_hidden": task.config.num_hidden,
     "num_tangents": num_tangents,
     "steps": steps,
     "seeds": seeds,
