@@ -53,7 +53,13 @@ next T (twice the last) is predicted to overrun.
 Usage::
 
     python benchmarks/gpu.py --out benchmarks/results   # one H100/H200
+    python benchmarks/gpu.py --sections step_cost --budget-s 80 --out DIR
     python benchmarks/gpu.py --dry-run                  # tiny sizes, a CPU, seconds
+
+``--sections`` runs only the named ones (comma-separated), for a short
+device call; their deadlines stay at their shares of ``--budget-s``, and the
+JSON is then ``gpu_{sections}.json`` (``gpu_step_cost.json`` above), so a
+partial run never replaces a full ``gpu.json``.
 
 ``--dry-run`` (alias ``--quick``): N = 8, B = 4, T in {10, 20}, K in {4, 8},
 memory sweep T in {10, 20} (K = 8), flip-flop ``Config.quick()`` for 5
@@ -123,6 +129,7 @@ from sofo_jax.tasks import flip_flop
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 SKIPPED = "skipped: time budget"
+NOT_SELECTED = "skipped: not in --sections"
 ADAM_LEARNING_RATE = 1e-3
 # Share of --budget-s after which a section starts no new item.
 DEADLINES = {"memory": 0.4, "step_cost": 0.75, "flip_flop": 0.9, "mixed_precision": 1.0}
@@ -742,6 +749,11 @@ def _parse(argv):
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   parser.add_argument(
+    "--sections",
+    default=",".join(DEADLINES),
+    help=f"comma-separated, from {', '.join(DEADLINES)} (default: all)",
+  )
+  parser.add_argument(
     "--out",
     default=None,
     help="output directory for gpu.json (default benchmarks/results; "
@@ -766,7 +778,12 @@ def _parse(argv):
     default=None,
     help="timed rounds per group (default 5; 2 with --dry-run)",
   )
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  args.sections = args.sections.split(",")
+  unknown = sorted(set(args.sections) - set(DEADLINES))
+  if unknown:
+    parser.error(f"unknown sections {unknown}; choose from {list(DEADLINES)}")
+  return args
 
 
 def main(argv=None):
@@ -786,7 +803,8 @@ def main(argv=None):
   )
   out = Path(args.out) if args.out else default_out
   out.mkdir(parents=True, exist_ok=True)
-  path = out / "gpu.json"
+  every = set(args.sections) == set(DEADLINES)
+  path = out / ("gpu.json" if every else f"gpu_{'_'.join(args.sections)}.json")
   payload = {
     "command": [sys.executable, *sys.argv],
     "mode": mode,
@@ -822,7 +840,10 @@ def main(argv=None):
     "mixed_precision": lambda: precision_section(sizes, repeats),
   }
   for name, run in runs.items():
-    sections[name] = _section(name, budget, run)
+    if name in args.sections:
+      sections[name] = _section(name, budget, run)
+    else:
+      sections[name] = {"status": NOT_SELECTED}
     payload.update(sections, elapsed_s=budget.elapsed())
     _harness.write_json(str(path.resolve()), payload)
   _harness.log(f"wrote {path} after {budget.elapsed():.0f} s")

@@ -406,6 +406,20 @@ def test_double_reach_gpu_names_its_file_by_seed_and_precision(monkeypatch):
   )
 
 
+def test_gpu_runs_only_the_sections_asked_for(tmp_path):
+  args = [sys.executable, str(RUN.parent / "gpu.py"), "--dry-run", "--out"]
+  run_ok([*args, str(tmp_path), "--sections", "step_cost"], timeout=300)
+  assert not (tmp_path / "gpu.json").exists()  # a full run's file is kept
+  payload = json.loads((tmp_path / "gpu_step_cost.json").read_text())
+  assert payload["step_cost"]["groups"]
+  for name in ("memory", "flip_flop", "mixed_precision"):
+    assert payload[name] == {"status": "skipped: not in --sections"}
+  bad = subprocess.run(
+    [*args, str(tmp_path), "--sections", "speed"], capture_output=True, text=True
+  )
+  assert bad.returncode != 0 and "unknown sections ['speed']" in bad.stderr
+
+
 def test_gpu_dry_run(tmp_path):
   """``gpu.py --dry-run`` writes all four sections with positive, finite figures."""
   run_ok(
