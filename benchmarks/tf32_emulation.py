@@ -22,9 +22,12 @@ batches per seed, and records the loss, the step rejections per 100 steps,
 and the held-out reach errors. Candidate remedies (a higher damping floor)
 and Adam, all under emulated TF32, are further ``--variants``.
 
-At this size the emulation caused no rejections in 1000 steps
-(``results/tf32_emulation_pilot.json``): the GPU's need the paper's size
-(T = 1000, batch 256), which a CPU cannot train in useful time.
+At batch 64 the emulation caused no rejections in 1000 steps
+(``results/tf32_emulation_pilot.json``), nor with the paper's 64 units and
+T = 1000 in 700 (``tf32_emulation_t1000.json``). At the GPU's batch of 256
+it began to reject after 800 steps, and float32 did not
+(``tf32_emulation_batch_256*.json``): the GPU's mechanism, on a CPU, at
+about 20 minutes a run.
 
 Usage::
 
