@@ -305,7 +305,7 @@ def fit(
       compiled[keys.shape[0]] = run_chunk.lower(carry, keys).compile()
   losses: list[np.ndarray] = []
   rejected, reverted, seconds, elapsed = [], [], [], 0.0
-  recent_rejected, warned = np.zeros(0, bool), False
+  warned = False
   bar = _progress_bar(num_steps, f"{task.name}/{method}", progress)
   for start in starts:
     if max_seconds is not None and losses and elapsed >= max_seconds:
@@ -319,7 +319,9 @@ def fit(
     losses.append(np.asarray(chunk_losses))
     rejected.append(np.asarray(chunk_rejected))
     if not warned and _matmuls_rounded():
-      recent_rejected = np.concatenate([recent_rejected, rejected[-1]])
+      # Each chunk holds at least one step, so its last WINDOW chunks cover
+      # the last WINDOW steps.
+      recent_rejected = np.concatenate(rejected[-REJECTION_WINDOW:])
       recent_rejected = recent_rejected[-REJECTION_WINDOW:]
       warned = (
         recent_rejected.size == REJECTION_WINDOW
