@@ -11,6 +11,11 @@ Usage::
 
     python benchmarks/defaults_check.py                 # 3 seeds, 120 steps
     python benchmarks/defaults_check.py --quick         # quick configs
+    python benchmarks/defaults_check.py --quick --steps 6000 --num-tangents 8 --adam
+
+The last is the long-run check: each run also records how many of its
+training losses exceeded 3 times the first and the median of its last
+tenth, which a few blown-up batches cannot swamp.
 
 Writes ``benchmarks/results/defaults_check.json`` (``--quick``: a file under
 the system's temporary directory unless ``--output`` is given).
@@ -52,6 +57,9 @@ VARIANTS = {
   "start_damping_1e-4": {"damping": 1e-4},
   # The defaults before the damping floor became 1e-4.
   "floor_1e-6": {"step_control": sofo_jax.StepControl(min_damping=1e-6)},
+  # Higher floors, against the blow-ups of long runs at small batches.
+  "floor_1e-3": {"step_control": sofo_jax.StepControl(min_damping=1e-3)},
+  "floor_1e-2": {"step_control": sofo_jax.StepControl(min_damping=1e-2)},
   "no_next_batch_check": {"step_control": sofo_jax.StepControl(revert_ratio=None)},
   "fast_damping_decrease": {"step_control": sofo_jax.StepControl(decrease=0.5)},
   "min_rho": {"step_control": sofo_jax.StepControl(min_rho=0.25)},
@@ -68,6 +76,10 @@ VARIANTS = {
   # Step control below the paper's learning rate of 1 (Kalman's best in
   # benchmarks/results/learning_rate_spikes.json).
   "lr_0.3": {"learning_rate": 0.3},
+  # The paper's rate for Kalman and delayed addition.
+  "lr_0.1": {"learning_rate": 0.1},
+  # The paper's rate at first, then the noise floor of 0.1 from step 1000.
+  "lr_1_to_0.1": {"learning_rate": optax.linear_schedule(1.0, 0.1, 1000)},
 }
 DEFAULT_VARIANTS = (
   "defaults",
@@ -78,13 +90,15 @@ DEFAULT_VARIANTS = (
 ADAM_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
 
-def make_task(name: str, quick: bool):
+def make_task(name: str, quick: bool, batch_size: int | None = None):
   module, overrides = CPU_SIZES[name]
   config = (
     module.Config.quick()
     if quick
     else dataclasses.replace(module.Config(), **overrides)
   )
+  if batch_size is not None:
+    config = dataclasses.replace(config, batch_size=batch_size)
   return module.make(config)
 
 
@@ -122,7 +136,12 @@ def run(task, options: dict, seed: int, num_steps: int, num_tangents: int) -> di
     "first_loss": float(losses[0]),
     "max_loss": float(np.nanmax(losses)) if np.isfinite(losses).any() else float("nan"),
     "last20_mean": float(np.mean(losses[-20:])),
-    "learning_rate": float(learning_rate),
+    # Over long runs: how many batches blew up, and the typical late loss
+    # (a median, which the blown-up batches cannot swamp).
+    "steps_above_3x_first": int(np.sum(~(losses <= 3 * losses[0]))),
+    "last_tenth_median": float(np.nanmedian(losses[-max(1, losses.size // 10) :])),
+    # A schedule is named by its variant.
+    "learning_rate": "schedule" if callable(learning_rate) else float(learning_rate),
     "blew_up": bool(not np.all(np.isfinite(losses)) or np.max(losses) > 3 * losses[0]),
     "rejected_steps": counts[0],
     "reverted_steps": counts[1],
@@ -145,6 +164,9 @@ def main(argv=None) -> int:
     action="store_true",
     help=f"also Adam + BPTT at each rate of {ADAM_GRID}, same seeds",
   )
+  parser.add_argument(
+    "--batch-size", type=int, default=None, help="replaces each task's batch size"
+  )
   parser.add_argument("--tasks", default=",".join(CPU_SIZES))
   parser.add_argument("--output", default=None)
   args = parser.parse_args(argv)
@@ -157,7 +179,7 @@ def main(argv=None) -> int:
       variants.append(f"adam_{rate:g}")
   for variant in variants:
     for name in args.tasks.split(","):
-      task = make_task(name, args.quick)
+      task = make_task(name, args.quick, args.batch_size)
       for seed in range(args.seeds):
         begin = time.perf_counter()
         row = run(task, VARIANTS[variant], seed, args.steps, args.num_tangents)
@@ -166,7 +188,8 @@ def main(argv=None) -> int:
         print(
           f"{variant:22s} {name:17s} seed {seed}  first {row['first_loss']:.3g}  "
           f"max {row['max_loss']:.3g}  last-20 mean {row['last20_mean']:.4g}  "
-          f"rejected {row['rejected_steps']}  reverted {row['reverted_steps']}"
+          f"rejected {row['rejected_steps']}  reverted {row['reverted_steps']}  "
+          f"above 3x {row['steps_above_3x_first']}"
           f"{'  BLOW-UP' if row['blew_up'] else ''}  ({time.perf_counter() - begin:.0f} s)",
           flush=True,
         )
@@ -178,6 +201,16 @@ def main(argv=None) -> int:
       "runs": len(mine),
       "last20_mean_by_task": {
         name: float(np.mean([r["last20_mean"] for r in mine if r["task"] == name]))
+        for name in args.tasks.split(",")
+      },
+      "steps_above_3x_first_by_task": {
+        name: [r["steps_above_3x_first"] for r in mine if r["task"] == name]
+        for name in args.tasks.split(",")
+      },
+      "last_tenth_median_by_task": {
+        name: float(
+          np.mean([r["last_tenth_median"] for r in mine if r["task"] == name])
+        )
         for name in args.tasks.split(",")
       },
     }
@@ -201,6 +234,7 @@ def main(argv=None) -> int:
       "num_tangents": args.num_tangents,
       "learning_rate": 1.0,  # SOFO's, unless a variant sets its own
       "quick": args.quick,
+      "batch_size": args.batch_size,
     },
     "summary": summary,
     "runs": rows,

@@ -97,8 +97,7 @@ def method_figures(task, history: training.History) -> dict:
     "steps_rejected": int(np.sum(history.step_rejected)),
     # Where the rejections fell: each entry counts those of 100 steps.
     "rejected_per_100_steps": [
-      int(np.sum(history.step_rejected[i : i + 100]))
-      for i in range(0, losses.size, 100)
+      int(n) for n in reproduce.per_100_steps(history.step_rejected)
     ],
     "steps_reverted": int(np.sum(history.step_reverted)),
     "num_nonfinite_steps": history.num_nonfinite_steps,

@@ -151,6 +151,11 @@ def final_loss(losses: np.ndarray) -> float:
   return value if math.isfinite(value) else float("inf")
 
 
+def per_100_steps(values: np.ndarray, reduce=np.sum) -> list[float]:
+  """``reduce`` over each block of 100 steps (the last may be shorter)."""
+  return [float(reduce(values[i : i + 100])) for i in range(0, values.size, 100)]
+
+
 def steps_to_target(losses: np.ndarray, target: float) -> list:
   """Per seed, the first step where the running mean reaches ``target``."""
   result = []

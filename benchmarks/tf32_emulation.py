@@ -67,6 +67,12 @@ VARIANTS = {
     }
     for floor in (1e-3, 1e-2)
   },
+  # What a higher floor costs where there is no TF32 rounding to cover.
+  "sofo_float32_floor_0.001": {
+    "method": "sofo",
+    "tf32": False,
+    "step_control": sofo_jax.StepControl(min_damping=1e-3),
+  },
   "adam_tf32": {"method": "adam", "tf32": True},
 }
 # The rest (a higher damping floor, Adam) are for when the default pair
@@ -126,12 +132,8 @@ def run(task, variant: str, steps: int, seed: int) -> dict:
     "final_loss": reproduce.final_loss(losses),
     "max_over_first": float(np.nanmax(losses / losses[0])),
     "steps_rejected": int(np.sum(rejected)),
-    "rejected_per_100_steps": [
-      int(np.sum(rejected[i : i + 100])) for i in range(0, losses.size, 100)
-    ],
-    "loss_per_100_steps": [
-      float(np.mean(losses[i : i + 100])) for i in range(0, losses.size, 100)
-    ],
+    "rejected_per_100_steps": [int(n) for n in reproduce.per_100_steps(rejected)],
+    "loss_per_100_steps": reproduce.per_100_steps(losses, np.mean),
     "num_nonfinite_steps": history.num_nonfinite_steps,
     "eval_loss": errors["loss"][0],
     **reproduce.reach_verdict(errors),

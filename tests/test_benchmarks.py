@@ -191,16 +191,27 @@ def test_defaults_check_quick(tmp_path):
     "--tasks",
     "flip_flop",
     "--variants",
-    "defaults,paper_fixed_damping,lr_0.3",
+    "defaults,paper_fixed_damping,lr_0.3,lr_1_to_0.1",
   )
   runs = {row["variant"]: row for row in payload["runs"]}
-  assert set(runs) == {"defaults", "paper_fixed_damping", "lr_0.3"}
+  assert set(runs) == {"defaults", "paper_fixed_damping", "lr_0.3", "lr_1_to_0.1"}
   assert payload["summary"]["defaults"]["runs"] == 1
   # A variant's own learning rate reaches the optimiser.
   assert (
     runs["lr_0.3"]["learning_rate"] == 0.3 and runs["defaults"]["learning_rate"] == 1
   )
   assert runs["lr_0.3"]["last20_mean"] != runs["defaults"]["last20_mean"]
+  assert runs["lr_1_to_0.1"]["learning_rate"] == "schedule"
+  # The long-run counts agree with the run's own flag.
+  for row in runs.values():
+    assert row["blew_up"] == (
+      row["steps_above_3x_first"] > 0 or not math.isfinite(row["max_loss"])
+    )
+    assert math.isfinite(row["last_tenth_median"])
+  summary = payload["summary"]["defaults"]
+  assert summary["steps_above_3x_first_by_task"]["flip_flop"] == [
+    runs["defaults"]["steps_above_3x_first"]
+  ]
 
 
 def test_step_control_variants_quick_and_merge(tmp_path):
