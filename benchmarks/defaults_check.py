@@ -71,6 +71,8 @@ VARIANTS = {
   "lookahead_1.5": {"step_control": sofo_jax.StepControl(lookahead=1.5)},
   # The options beyond the paper, each on top of the defaults.
   "momentum": {"momentum": True},
+  # The defaults without it (momentum is on by default).
+  "no_momentum": {"momentum": False},
   "recycle_quarter": {"num_recycled": -4},  # K // 4, resolved in run()
   "orthonormal": {"tangent_distribution": "orthonormal"},
   # Step control below the paper's learning rate of 1 (Kalman's best in
