@@ -241,6 +241,66 @@ def _rejection_warnings(task, num_steps=200):
   return history, messages
 
 
+def _task_unstable_on_some_batches():
+  """A one-weight regression whose loss is infinite on about a fifth of batches.
+
+  What a recurrent model that is unstable on some inputs shows: SOFO skips
+  those batches and trains on the rest.
+  """
+  x = jnp.ones((4, 1))
+
+  def loss_fn(params, unstable):
+    blown_up = jnp.where(unstable, jnp.inf, 0.0)
+    return losses.mse(x * params["w"] + blown_up, 0.8 * x)
+
+  return sofo_jax.tasks.Task(
+    name="unstable_batches",
+    config=sofo_jax.tasks.TaskConfig(batch_size=4, num_tangents=1),
+    init_params=lambda key: {"w": jnp.zeros((1,))},
+    sample_batch=lambda key: jax.random.bernoulli(key, 0.2),
+    loss_fn=loss_fn,
+    metrics=lambda params, batch: {},
+    outputs=lambda params, batch: {},
+  )
+
+
+def test_fit_warns_once_when_many_training_losses_are_not_finite():
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    history = training.fit(
+      _task_unstable_on_some_batches(),
+      "sofo",
+      200,
+      key=jax.random.key(0),
+      chunk_size=50,
+      progress=False,
+    )
+  nonfinite = ~np.isfinite(history.losses)
+  assert 0.1 < nonfinite.mean() < 0.3
+  assert history.num_nonfinite_steps == nonfinite.sum()
+  # The skipped batches did not stop training on the others.
+  assert np.isfinite(np.asarray(history.params["w"])).all()
+  trained = history.losses[~nonfinite]
+  assert trained[-10:].max() < 0.1 * trained[0]
+  messages = [str(w.message) for w in caught if "non-finite loss" in str(w.message)]
+  assert len(messages) == 1
+  assert "of the last 100 training batches" in messages[0]
+  assert "learning_rate=0.1" in messages[0]
+  # A task that trains does not warn.
+  flip_flop = sofo_jax.tasks.flip_flop
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    training.fit(
+      flip_flop.make(flip_flop.Config.quick()),
+      "sofo",
+      200,
+      key=jax.random.key(0),
+      chunk_size=50,
+      progress=False,
+    )
+  assert not [w for w in caught if "non-finite loss" in str(w.message)]
+
+
 def test_fit_warns_once_when_most_steps_are_rejected_on_an_accelerator(monkeypatch):
   task = _task_at_the_loss_precision_limit()
   history, messages = _rejection_warnings(task)
