@@ -53,9 +53,9 @@ _FULL_PRECISIONS = ("float32", "highest")
 # fit also warns once when at least this share of the last REJECTION_WINDOW
 # SOFO training losses were not finite. SOFO skips such a batch, so the run
 # goes on, but the model is unstable on some inputs and learns nothing from
-# them. At batch 4 over 6000 steps this happened on every task at lr 1
-# (11% of the double reach's batches); at the library's CPU and
-# reproduction sizes no run had a non-finite loss.
+# them. At batch 4 and lr 1 it came after 1,000-2,000 steps on the double
+# reach's quick size, on about a tenth of the batches; runs that train well
+# have none.
 NONFINITE_WARNING_SHARE = 0.05
 
 
