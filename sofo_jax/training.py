@@ -53,7 +53,7 @@ _FULL_PRECISIONS = ("float32", "highest")
 # fit also warns once when at least this share of the last REJECTION_WINDOW
 # SOFO training losses were not finite. SOFO skips such a batch, so the run
 # goes on, but the model is unstable on some inputs and learns nothing from
-# them. At batch 4 and lr 1 it came after 1,000-2,000 steps on the double
+# them. At batch 4 and lr 1 it began after about 1,900 steps on the double
 # reach's quick size, on about a tenth of the batches; runs that train well
 # have none.
 NONFINITE_WARNING_SHARE = 0.05
