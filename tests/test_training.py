@@ -149,6 +149,19 @@ def test_fit_passes_sofo_options_and_rejects_them_for_other_methods():
     training.fit(task, "lbfgs", 2, key=jax.random.key(0), progress=False)
 
 
+def _one_weight_task(name, loss_fn, sample_batch):
+  """A task with one scalar weight ``w``, starting at 0, and no metrics."""
+  return sofo_jax.tasks.Task(
+    name=name,
+    config=sofo_jax.tasks.TaskConfig(batch_size=4, num_tangents=1),
+    init_params=lambda key: {"w": jnp.zeros((1,))},
+    sample_batch=sample_batch,
+    loss_fn=loss_fn,
+    metrics=lambda params, batch: {},
+    outputs=lambda params, batch: {},
+  )
+
+
 def _task_that_blows_up_on_some_batches():
   """A one-weight task whose loss is infinite on some batches once w > 0.5.
 
@@ -163,14 +176,8 @@ def _task_that_blows_up_on_some_batches():
     weight = jnp.where(blows_up & (params["w"] > 0.5), jnp.inf, params["w"])
     return losses.mse(x * weight, jnp.where(blows_up, 0.2, 0.8) * x)
 
-  return sofo_jax.tasks.Task(
-    name="blows_up",
-    config=sofo_jax.tasks.TaskConfig(batch_size=4, num_tangents=1),
-    init_params=lambda key: {"w": jnp.zeros((1,))},
-    sample_batch=lambda key: jax.random.bernoulli(key, 0.75),
-    loss_fn=loss_fn,
-    metrics=lambda params, batch: {},
-    outputs=lambda params, batch: {},
+  return _one_weight_task(
+    "blows_up", loss_fn, lambda key: jax.random.bernoulli(key, 0.75)
   )
 
 
@@ -220,15 +227,7 @@ def _task_at_the_loss_precision_limit():
     predictions = jnp.concatenate([x * params["w"], jnp.full((1, 1), 300.0)])
     return losses.mse(predictions, jnp.concatenate([0.8 * x, jnp.zeros((1, 1))]))
 
-  return sofo_jax.tasks.Task(
-    name="precision_limit",
-    config=sofo_jax.tasks.TaskConfig(batch_size=4, num_tangents=1),
-    init_params=lambda key: {"w": jnp.zeros((1,))},
-    sample_batch=lambda key: jnp.zeros(()),
-    loss_fn=loss_fn,
-    metrics=lambda params, batch: {},
-    outputs=lambda params, batch: {},
-  )
+  return _one_weight_task("precision_limit", loss_fn, lambda key: jnp.zeros(()))
 
 
 def _rejection_warnings(task, num_steps=200):
@@ -253,14 +252,8 @@ def _task_unstable_on_some_batches():
     blown_up = jnp.where(unstable, jnp.inf, 0.0)
     return losses.mse(x * params["w"] + blown_up, 0.8 * x)
 
-  return sofo_jax.tasks.Task(
-    name="unstable_batches",
-    config=sofo_jax.tasks.TaskConfig(batch_size=4, num_tangents=1),
-    init_params=lambda key: {"w": jnp.zeros((1,))},
-    sample_batch=lambda key: jax.random.bernoulli(key, 0.2),
-    loss_fn=loss_fn,
-    metrics=lambda params, batch: {},
-    outputs=lambda params, batch: {},
+  return _one_weight_task(
+    "unstable_batches", loss_fn, lambda key: jax.random.bernoulli(key, 0.2)
   )
 
 
