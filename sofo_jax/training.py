@@ -328,21 +328,15 @@ def fit(
     losses.append(np.asarray(chunk_losses))
     rejected.append(np.asarray(chunk_rejected))
     if not warned and _matmuls_rounded():
-      recent_rejected = _last_window(rejected)
-      warned = (
-        recent_rejected.size == REJECTION_WINDOW
-        and recent_rejected.mean() >= REJECTION_WARNING_SHARE
-      )
+      count = _count_in_last_window(rejected)
+      warned = count >= REJECTION_WARNING_SHARE * REJECTION_WINDOW
       if warned:
-        _warn_many_rejections(int(recent_rejected.sum()))
+        _warn_many_rejections(count)
     if not warned_nonfinite and method == "sofo":
-      recent_nonfinite = ~np.isfinite(_last_window(losses))
-      warned_nonfinite = (
-        recent_nonfinite.size == REJECTION_WINDOW
-        and recent_nonfinite.mean() >= NONFINITE_WARNING_SHARE
-      )
+      count = _count_in_last_window(losses, lambda chunk: ~np.isfinite(chunk))
+      warned_nonfinite = count >= NONFINITE_WARNING_SHARE * REJECTION_WINDOW
       if warned_nonfinite:
-        _warn_nonfinite_losses(int(recent_nonfinite.sum()))
+        _warn_nonfinite_losses(count)
     reverted.append(np.asarray(chunk_reverted))
     seconds.append(elapsed + spent * np.arange(1, size + 1) / size)
     elapsed += spent
@@ -373,11 +367,15 @@ def fit(
   )
 
 
-def _last_window(chunks: list[np.ndarray]) -> np.ndarray:
-  """The last :data:`REJECTION_WINDOW` per-step values of the recorded chunks."""
+def _count_in_last_window(chunks: list[np.ndarray], flag=np.asarray) -> int:
+  """How many of the last :data:`REJECTION_WINDOW` recorded steps ``flag`` marks.
+
+  0 until that many steps are recorded, so no warning comes from fewer.
+  """
   # Each chunk holds at least one step, so the last WINDOW chunks cover the
   # last WINDOW steps.
-  return np.concatenate(chunks[-REJECTION_WINDOW:])[-REJECTION_WINDOW:]
+  recent = np.concatenate(chunks[-REJECTION_WINDOW:])[-REJECTION_WINDOW:]
+  return int(np.sum(flag(recent))) if recent.size == REJECTION_WINDOW else 0
 
 
 def _warn_nonfinite_losses(count: int) -> None:
