@@ -69,6 +69,9 @@ VARIANTS = {
   "max_step_ratio_0.15": {"step_control": sofo_jax.StepControl(max_step_ratio=0.15)},
   # A stability margin: the step taken 1.5 times as far must still lower the loss.
   "lookahead_1.5": {"step_control": sofo_jax.StepControl(lookahead=1.5)},
+  # A stricter next-batch check: undo the last step at a smaller rise.
+  "revert_1.25": {"step_control": sofo_jax.StepControl(revert_ratio=1.25)},
+  "revert_1.5": {"step_control": sofo_jax.StepControl(revert_ratio=1.5)},
   # The options beyond the paper, each on top of the defaults.
   "momentum": {"momentum": True},
   # The defaults without it (momentum is on by default).
