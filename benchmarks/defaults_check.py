@@ -139,7 +139,9 @@ def run(task, options: dict, seed: int, num_steps: int, num_tangents: int) -> di
     counts = (int(diagnostics.num_rejected_steps), int(diagnostics.num_reverted_steps))
   return {
     "first_loss": float(losses[0]),
+    # The largest loss that is not NaN; the NaN ones are counted apart.
     "max_loss": float(np.nanmax(losses)) if np.isfinite(losses).any() else float("nan"),
+    "nonfinite_losses": int(np.sum(~np.isfinite(losses))),
     "last20_mean": float(np.mean(losses[-20:])),
     # Over long runs: how many batches blew up, and the typical late loss
     # (a median, which the blown-up batches cannot swamp).

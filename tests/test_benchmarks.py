@@ -208,6 +208,8 @@ def test_defaults_check_quick(tmp_path):
       row["steps_above_3x_first"] > 0 or not math.isfinite(row["max_loss"])
     )
     assert math.isfinite(row["last_tenth_median"])
+    # A non-finite loss is also a loss above 3x the first.
+    assert 0 <= row["nonfinite_losses"] <= row["steps_above_3x_first"]
   summary = payload["summary"]["defaults"]
   assert summary["steps_above_3x_first_by_task"]["flip_flop"] == [
     runs["defaults"]["steps_above_3x_first"]

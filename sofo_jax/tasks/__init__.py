@@ -20,6 +20,13 @@ backpropagation baseline:
 ...     None, state, params, loss_fn=lambda p: task.loss_fn(p, batch))
 >>> params = optax.apply_updates(params, updates)
 
+``Config.quick()`` sizes are for tests and runs of a few hundred steps, not
+for experiments. Their batches of 4 are so noisy that SOFO at learning
+rate 1, which fits each batch's damped Gauss–Newton step almost exactly,
+spikes and drifts over thousands of steps (Adam does not); train longer at
+``Config()``, a larger batch, or ``learning_rate=0.1`` (benchmarks README,
+"Long runs at small batches").
+
 Tasks: ``flip_flop`` (3-bit flip-flop), ``lorenz`` (Lorenz attractor, sparse
 supervision), ``kalman`` (adaptive Kalman filtering, long horizons),
 ``double_reach`` (two-link arm, delayed double reach), ``delayed_addition``

@@ -157,7 +157,7 @@ class Config(_base.TaskConfig):
     """A tiny configuration for tests: 8 units, 4 trials of 40 steps.
 
     Time is compressed (10 ms steps, 0.4 s trials) so that every phase of the
-    trial still occurs.
+    trial still occurs. Not for long runs: see :mod:`sofo_jax.tasks`.
     """
     return cls(
       num_hidden=8,

@@ -88,7 +88,10 @@ class Config(_base.TaskConfig):
 
   @classmethod
   def quick(cls) -> Config:
-    """A tiny configuration for tests: 8 units, 4 trials of 20 steps."""
+    """A tiny configuration for tests: 8 units, 4 trials of 20 steps.
+
+    Not for long runs: see :mod:`sofo_jax.tasks`.
+    """
     return cls(num_hidden=8, num_steps=20, pulse_prob=0.2, batch_size=4, num_tangents=8)
 
 

@@ -109,7 +109,10 @@ class Config(_base.TaskConfig):
 
   @classmethod
   def quick(cls) -> Config:
-    """A tiny configuration for tests: 8 units, 4 trials of 30 steps."""
+    """A tiny configuration for tests: 8 units, 4 trials of 30 steps.
+
+    Not for long runs: see :mod:`sofo_jax.tasks`.
+    """
     return cls(
       num_hidden=8,
       num_steps=30,

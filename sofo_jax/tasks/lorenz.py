@@ -95,7 +95,10 @@ class Config(_base.TaskConfig):
 
   @classmethod
   def quick(cls) -> Config:
-    """A tiny configuration for tests: 8 units, 4 trials, 8 steps."""
+    """A tiny configuration for tests: 8 units, 4 trials, 8 steps.
+
+    Not for long runs: see :mod:`sofo_jax.tasks`.
+    """
     return cls(num_hidden=8, num_steps=8, batch_size=4, num_tangents=8)
 
 
