@@ -137,6 +137,9 @@ VARIANTS = {
     f"lookahead_{a:g}": {"step_control": sofo_jax.StepControl(lookahead=a)}
     for a in (1.5, 2.0)
   },
+  # A stricter next-batch check: undo the last step when the new batch's
+  # loss rose by more than a quarter (the default undoes at a doubling).
+  "revert_1.25": {"step_control": sofo_jax.StepControl(revert_ratio=1.25)},
   # Adam + BPTT at delayed addition's best rate of the reproduction's grid,
   # for reference on the same seeds.
   "adam": {"adam": 3e-4},
