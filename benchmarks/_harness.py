@@ -15,7 +15,9 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 
+import sofo_jax
 from sofo_jax.demo import quick_mode  # noqa: F401  (re-exported for the scripts)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -24,6 +26,28 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def log(message: str) -> None:
   """Prints ``message`` after the time of day, at once (progress of long runs)."""
   print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def sofo_from_options(
+  options: dict, num_tangents: int, key: jax.Array
+) -> optax.GradientTransformationExtraArgs:
+  """SOFO as a benchmark variant's options describe it.
+
+  Args:
+    options: ``learning_rate`` (a number or an optax schedule; default 1, the
+      paper's), optionally ``num_tangents``, and any other keyword of
+      :func:`sofo_jax.sofo`.
+    num_tangents: K, unless ``options`` gives it.
+    key: the tangents' PRNG key.
+
+  Returns:
+    ``sofo_jax.sofo(learning_rate, K, key=key, **rest)``.
+  """
+  rest = dict(options)
+  learning_rate = rest.pop("learning_rate", 1.0)
+  return sofo_jax.sofo(
+    learning_rate, rest.pop("num_tangents", num_tangents), key=key, **rest
+  )
 
 
 def short(x: float | None, digits: int = 3) -> str:

@@ -116,10 +116,7 @@ def run(task, options: dict, seed: int, num_steps: int, num_tangents: int) -> di
   if options.get("method") == "adam":
     optimizer = optax.with_extra_args_support(optax.adam(learning_rate))
   else:
-    sofo_options = {k: v for k, v in options.items() if k != "learning_rate"}
-    optimizer = sofo_jax.sofo(
-      learning_rate, num_tangents, key=tangent_key, **sofo_options
-    )
+    optimizer = _harness.sofo_from_options(options, num_tangents, tangent_key)
   method = options.get("method", "sofo")
   params = task.init_params(init_key)
   step = training.make_train_step(task, method, optimizer)

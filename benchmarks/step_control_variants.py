@@ -150,15 +150,14 @@ DEFAULT_TASKS = ("kalman", "lorenz", "delayed_addition")
 
 def make_optimizer(options: dict):
   """``(make, method, settings)`` for :func:`reproduce.train`."""
-  options = dict(options)
   if "adam" in options:
     return reproduce.adam, "adam", [[options["adam"]]]
-  learning_rate = options.pop("learning_rate", 1.0)
-  num_tangents = options.pop("num_tangents", reproduce.NUM_TANGENTS)
+  # K is read now: scripts set reproduce.NUM_TANGENTS before asking.
+  num_tangents = reproduce.NUM_TANGENTS
 
   def make(setting, key):
     del setting
-    return sofo_jax.sofo(learning_rate, num_tangents, key=key, **options)
+    return _harness.sofo_from_options(options, num_tangents, key)
 
   return make, "sofo", [[0.0]]
 
