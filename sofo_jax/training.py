@@ -57,6 +57,10 @@ _FULL_PRECISIONS = ("float32", "highest")
 # reach's quick size, on about a tenth of the batches; runs that train well
 # have none.
 NONFINITE_WARNING_SHARE = 0.05
+# fit's validation batches come from fold_in(key, VALIDATION_STREAM), a
+# stream apart from the (initialisation, batches, tangents) split of the
+# same key, so asking for validation changes nothing else in a run.
+VALIDATION_STREAM = 0x5EED
 
 
 @dataclasses.dataclass
@@ -79,6 +83,17 @@ class History:
       because its loss on this step's batch was far above the loss before
       it (the next-batch check); ``losses`` at such a step is the spike
       that was undone. Shape ``(num_steps,)``.
+    validation_losses: with ``fit(..., validation_batches=N)``, the mean
+      loss on the N fixed validation batches after each compiled chunk,
+      shape ``(num_chunks,)``; else None.
+    validation_steps: the number of updates done at each of those
+      evaluations, shape ``(num_chunks,)``; else None.
+    best_params: the parameters at the evaluation with the lowest finite
+      validation loss; None without validation, or if no evaluation gave a
+      finite loss. A late spike can leave the final parameters unstable on
+      inputs the last batches did not hold; these are the parameters to
+      keep.
+    best_step: the number of updates done at that evaluation, or None.
   """
 
   method: str
@@ -89,6 +104,10 @@ class History:
   num_nonfinite_steps: int = 0
   step_rejected: np.ndarray | None = None
   step_reverted: np.ndarray | None = None
+  validation_losses: np.ndarray | None = None
+  validation_steps: np.ndarray | None = None
+  best_params: Any = None
+  best_step: int | None = None
 
 
 def warmup(peak: float | jax.Array, warmup_steps: int) -> optax.ScalarOrSchedule:
@@ -210,6 +229,7 @@ def fit(
   max_seconds: float | None = None,
   progress: bool = True,
   params: Any = None,
+  validation_batches: int = 0,
   **sofo_options,
 ) -> History:
   """Trains ``task`` with ``method`` for ``num_steps`` steps.
@@ -241,6 +261,12 @@ def fit(
       wall-clock time.
     progress: show a progress bar.
     params: start from these parameters instead of a fresh initialisation.
+    validation_batches: N > 0 draws N fixed batches that no step trains on
+      (from ``jax.random.fold_in(key, VALIDATION_STREAM)``, so the run is
+      otherwise unchanged), evaluates the mean loss on them after every
+      chunk (outside the timed region), and keeps the parameters where it
+      was lowest: :attr:`History.best_params`. Costs N forward passes per
+      chunk.
     **sofo_options: further keyword arguments of :func:`sofo_jax.sofo`.
 
   Returns:
@@ -276,6 +302,14 @@ def fit(
     num_tangents = config.num_tangents
   if max_seconds is not None and not max_seconds >= 0:
     raise ValueError(f"max_seconds must be >= 0 or None; got {max_seconds!r}.")
+  if (
+    isinstance(validation_batches, bool)
+    or not isinstance(validation_batches, int)
+    or validation_batches < 0
+  ):
+    raise ValueError(
+      f"validation_batches must be an int >= 0; got {validation_batches!r}."
+    )
   init_key, data_key, tangent_key = jax.random.split(key, 3)
   optimizer = make_optimizer(
     method,
@@ -312,6 +346,7 @@ def fit(
     keys = batch_keys[start : start + chunk_size]
     if keys.shape[0] not in compiled:
       compiled[keys.shape[0]] = run_chunk.lower(carry, keys).compile()
+  validation = _Validation(task, key, validation_batches, params)
   losses: list[np.ndarray] = []
   rejected, reverted, seconds, elapsed = [], [], [], 0.0
   warned = warned_nonfinite = False
@@ -340,6 +375,7 @@ def fit(
     reverted.append(np.asarray(chunk_reverted))
     seconds.append(elapsed + spent * np.arange(1, size + 1) / size)
     elapsed += spent
+    validation.record(carry[0], start + size)
     if bar is not None:
       bar.update(size)
       bar.set_postfix(loss=f"{float(chunk_losses[-1]):.4g}", refresh=False)
@@ -364,7 +400,54 @@ def fit(
     num_nonfinite_steps=nonfinite,
     step_rejected=np.concatenate(rejected),
     step_reverted=np.concatenate(reverted),
+    **validation.results(),
   )
+
+
+class _Validation:
+  """fit's validation: the mean loss on fixed batches, and the best parameters."""
+
+  def __init__(self, task, key: jax.Array, num_batches: int, params: Any):
+    self.enabled = num_batches > 0
+    self.losses: list[float] = []
+    self.steps: list[int] = []
+    self.best_params: Any = None
+    self.best_step: int | None = None
+    if not self.enabled:
+      return
+    keys = jax.random.split(jax.random.fold_in(key, VALIDATION_STREAM), num_batches)
+
+    def mean_loss(params):
+      # The batches are drawn again from their keys at each evaluation
+      # rather than held: cheap next to the forward passes, and no batch
+      # has to stay in memory.
+      return jnp.mean(
+        jax.lax.map(lambda k: task.loss_value(params, task.sample_batch(k)), keys)
+      )
+
+    # Compiled before fit's clock starts, like the training chunks.
+    self._mean_loss = jax.jit(mean_loss).lower(params).compile()
+
+  def record(self, params: Any, step: int) -> None:
+    if not self.enabled:
+      return
+    loss = float(self._mean_loss(params))
+    self.losses.append(loss)
+    self.steps.append(step)
+    best = min((v for v in self.losses[:-1] if np.isfinite(v)), default=np.inf)
+    if np.isfinite(loss) and loss < best:
+      self.best_params = params
+      self.best_step = step
+
+  def results(self) -> dict:
+    if not self.enabled:
+      return {}
+    return {
+      "validation_losses": np.asarray(self.losses),
+      "validation_steps": np.asarray(self.steps),
+      "best_params": self.best_params,
+      "best_step": self.best_step,
+    }
 
 
 def _count_in_last_window(chunks: list[np.ndarray], flag=np.asarray) -> int:

@@ -310,3 +310,63 @@ def test_fit_warns_once_when_most_steps_are_rejected_on_an_accelerator(monkeypat
   # A task that trains does not warn.
   flip_flop = sofo_jax.tasks.flip_flop
   assert _rejection_warnings(flip_flop.make(flip_flop.Config.quick()))[1] == []
+
+
+def _validation_loss(task, params, key, num_batches):
+  """The mean loss on fit's validation batches, computed here from their rule."""
+  keys = jax.random.split(
+    jax.random.fold_in(key, training.VALIDATION_STREAM), num_batches
+  )
+  return np.mean([float(task.loss_value(params, task.sample_batch(k))) for k in keys])
+
+
+def test_fit_validation_keeps_the_best_parameters_and_leaves_training_unchanged():
+  task = sofo_jax.tasks.flip_flop.make(sofo_jax.tasks.flip_flop.Config.quick())
+  key = jax.random.key(0)
+  history = training.fit(
+    task, "sofo", 30, key=key, progress=False, chunk_size=10, validation_batches=2
+  )
+  plain = training.fit(task, "sofo", 30, key=key, progress=False, chunk_size=10)
+  np.testing.assert_array_equal(history.losses, plain.losses)
+  assert plain.validation_losses is None and plain.best_params is None
+  np.testing.assert_array_equal(history.validation_steps, [10, 20, 30])
+  best = int(np.argmin(history.validation_losses))
+  assert history.best_step == history.validation_steps[best]
+  np.testing.assert_allclose(
+    _validation_loss(task, history.best_params, key, 2),
+    history.validation_losses[best],
+    rtol=1e-5,
+  )
+  np.testing.assert_allclose(
+    _validation_loss(task, history.params, key, 2),
+    history.validation_losses[-1],
+    rtol=1e-5,
+  )
+
+
+def test_fit_validation_keeps_finite_parameters_when_training_diverges():
+  task = sofo_jax.tasks.flip_flop.make(sofo_jax.tasks.flip_flop.Config.quick())
+  # Plain SGD at rate 1 overflows within 20 steps on this task.
+  history = training.fit(
+    task,
+    "sgd",
+    40,
+    key=jax.random.key(0),
+    learning_rate=1.0,
+    progress=False,
+    chunk_size=10,
+    validation_batches=2,
+  )
+  assert not np.all(np.isfinite(history.validation_losses))
+  assert history.best_step == 10
+  leaves = jax.tree.leaves(history.best_params)
+  assert leaves and all(np.all(np.isfinite(leaf)) for leaf in leaves)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, None])
+def test_fit_refuses_a_bad_validation_batches(bad):
+  task = sofo_jax.tasks.flip_flop.make(sofo_jax.tasks.flip_flop.Config.quick())
+  with pytest.raises(ValueError, match="validation_batches"):
+    training.fit(
+      task, "sgd", 1, key=jax.random.key(0), progress=False, validation_batches=bad
+    )
