@@ -7,8 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 from commands import run_ok
+
+from sofo_jax.tasks import double_reach
 
 pytest.importorskip("matplotlib")
 
@@ -495,3 +499,22 @@ def test_spike_trace_per_example_losses_average_to_the_task_loss(name, monkeypat
     task.loss_value(params, batch),
     rtol=1e-5,
   )
+
+
+def test_initial_losses_quick(tmp_path):
+  payload = _run_script("initial_losses.py", tmp_path / "initial.json")
+  losses = np.asarray(payload["losses"])
+  assert losses.shape == (3, 2)
+  np.testing.assert_allclose(payload["per_seed_mean_loss"], losses.mean(1), rtol=1e-5)
+  per_seed = np.asarray(payload["per_seed_mean_loss"])
+  assert payload["seeds_above_1"] == [int(s) for s in np.flatnonzero(per_seed > 1)]
+  excursion = np.asarray(payload["largest_joint_excursion_rad"])
+  assert excursion.shape == (3,) and np.all(excursion >= 0)
+  # Seed 0's first entry, recomputed here: defaults_check's initial
+  # parameters for seed 0 on the batch of key 1000.
+  task = double_reach.make(double_reach.Config.quick())
+  init_key = jax.random.split(jax.random.key(0), 3)[0]
+  expected = task.loss_value(
+    task.init_params(init_key), task.sample_batch(jax.random.key(1000))
+  )
+  np.testing.assert_allclose(losses[0, 0], float(expected), rtol=1e-5)
