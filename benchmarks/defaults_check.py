@@ -107,9 +107,15 @@ def make_task(name: str, quick: bool, batch_size: int | None = None):
   return module.make(config)
 
 
+def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The (initialisation, batches, tangents) keys of :func:`run` for ``seed``."""
+  init_key, data_key, tangent_key = jax.random.split(jax.random.key(seed), 3)
+  return init_key, data_key, tangent_key
+
+
 def run(task, options: dict, seed: int, num_steps: int, num_tangents: int) -> dict:
   """One training run; the losses are those of each batch before its update."""
-  init_key, data_key, tangent_key = jax.random.split(jax.random.key(seed), 3)
+  init_key, data_key, tangent_key = run_keys(seed)
   if options.get("num_recycled", 0) < 0:
     options = {**options, "num_recycled": num_tangents // -options["num_recycled"]}
   learning_rate = options.get("learning_rate", 1.0)

@@ -12,7 +12,7 @@ spins a joint is what a high first loss looks like there.
 
 Usage::
 
-    python benchmarks/initial_losses.py                   # double reach, 100 seeds, ~1 min
+    python benchmarks/initial_losses.py                   # double reach, 100 seeds, seconds
     python benchmarks/initial_losses.py --task kalman --seeds 20
     python benchmarks/initial_losses.py --quick           # smoke test, /tmp
 
@@ -33,7 +33,7 @@ import numpy as np
 
 def initial_params(task, seed: int):
   """The initial parameters of ``defaults_check.run`` for ``seed``."""
-  init_key, _, _ = jax.random.split(jax.random.key(seed), 3)
+  init_key, _, _ = defaults_check.run_keys(seed)
   return task.init_params(init_key)
 
 
