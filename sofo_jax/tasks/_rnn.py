@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -37,7 +38,8 @@ class LeakyRNN(eqx.Module):
   every recurrent weight a zero Jacobian and the first SOFO steps would only
   move :math:`C`.
 
-  All methods accept any number of leading batch axes.
+  All methods accept any number of leading batch axes. :meth:`accumulate`
+  and :meth:`run` run the network over a time-major sequence.
 
   Attributes:
     w_rec: recurrent weights ``W``, shape ``(n, n)``.
@@ -146,3 +148,85 @@ class LeakyRNN(eqx.Module):
   def readout(self, h: Float[Array, "*b n"]) -> Float[Array, "*b o"]:
     """Linear readout ``y = C h + d``."""
     return h @ self.w_out.T + self.b_out
+
+  def accumulate(
+    self,
+    inputs: Float[Array, "T *b i"],
+    targets: Any,
+    per_step: Callable[[Array, Any], Any],
+    initial: Any,
+  ) -> Any:
+    r"""Runs the network from rest and sums a per-step term over time.
+
+    .. math::
+
+      \mathrm{total} = \mathrm{initial} + \sum_{t=1}^{T} f(y_t, z_t),
+
+    with :math:`y_t` the readout after input :math:`x_t` and :math:`z_t`
+    the step's target. The sum is carried through one ``jax.lax.scan`` and
+    nothing of length :math:`T` is kept, so the memory of the loss (and of
+    a SOFO step through it) does not grow with the horizon.
+
+    Args:
+      inputs: inputs, time-major, shape ``(T, *batch, n_in)``.
+      targets: a pytree of arrays with leading axis ``T``, sliced per step.
+      per_step: ``(y_t, z_t) -> term``, e.g. :func:`sofo_jax.losses.mse`.
+      initial: the starting total, e.g. :func:`sofo_jax.losses.zero`.
+
+    Returns:
+      The total after the last step.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from sofo_jax import losses
+      >>> from sofo_jax.tasks import LeakyRNN
+      >>> rnn = LeakyRNN(2, 8, 1, leak=0.5, activation="tanh",
+      ...                key=jax.random.key(0))
+      >>> inputs, targets = jnp.ones((5, 4, 2)), jnp.zeros((5, 4, 1))
+      >>> total = rnn.accumulate(inputs, targets, losses.mse, losses.zero())
+      >>> bool(total.value >= 0)
+      True
+    """
+
+    def step(carry, xs):
+      h, total = carry
+      x, target = xs
+      h = self(h, x)
+      return (h, total + per_step(self.readout(h), target)), None
+
+    h0 = self.initial_state(inputs.shape[1:-1])
+    (_, total), _ = jax.lax.scan(step, (h0, initial), (inputs, targets))
+    return total
+
+  def run(
+    self, inputs: Float[Array, "T *b i"]
+  ) -> tuple[Float[Array, "T *b o"], Float[Array, "T *b n"]]:
+    """Runs the network from rest and records every step, for plotting.
+
+    Memory grows with the horizon; train with :meth:`accumulate`.
+
+    Args:
+      inputs: inputs, time-major, shape ``(T, *batch, n_in)``.
+
+    Returns:
+      ``(outputs, hidden)``: the readouts, shape ``(T, *batch, n_out)``,
+      and the hidden states, shape ``(T, *batch, n)``, after each input.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from sofo_jax.tasks import LeakyRNN
+      >>> rnn = LeakyRNN(2, 8, 1, leak=0.5, activation="tanh",
+      ...                key=jax.random.key(0))
+      >>> outputs, hidden = rnn.run(jnp.ones((5, 4, 2)))
+      >>> outputs.shape, hidden.shape
+      ((5, 4, 1), (5, 4, 8))
+    """
+
+    def step(h, x):
+      h = self(h, x)
+      return h, (self.readout(h), h)
+
+    _, (outputs, hidden) = jax.lax.scan(
+      step, self.initial_state(inputs.shape[1:-1]), inputs
+    )
+    return outputs, hidden

@@ -180,15 +180,7 @@ def make(config: Config = Config()) -> _base.Task:
     }
 
   def outputs(params, batch):
-    model = eqx.combine(params, static)
-
-    def step(h, x):
-      h = model(h, x)
-      return h, model.readout(h)
-
-    _, ys = jax.lax.scan(
-      step, model.initial_state((config.batch_size,)), batch["inputs"]
-    )
+    ys, _ = eqx.combine(params, static).run(batch["inputs"])
     return {"outputs": ys, "target": batch["target"], "inputs": batch["inputs"]}
 
   return _base.Task(

@@ -162,29 +162,13 @@ def make(config: Config = Config()) -> _base.Task:
 
   def loss_fn(params, batch):
     model = eqx.combine(params, static)
-
-    def step(carry, xs):
-      h, total = carry
-      x, target = xs
-      h = model(h, x)
-      return (h, total + losses.mse(model.readout(h), target)), None
-
-    h0 = model.initial_state((config.batch_size,))
-    (_, total), _ = jax.lax.scan(
-      step, (h0, losses.zero()), (batch["inputs"], batch["targets"])
+    total = model.accumulate(
+      batch["inputs"], batch["targets"], losses.mse, losses.zero()
     )
     return total / config.num_steps
 
   def outputs(params, batch):
-    model = eqx.combine(params, static)
-
-    def step(h, x):
-      h = model(h, x)
-      return h, (model.readout(h), h)
-
-    _, (ys, hs) = jax.lax.scan(
-      step, model.initial_state((config.batch_size,)), batch["inputs"]
-    )
+    ys, hs = eqx.combine(params, static).run(batch["inputs"])
     return {
       "outputs": ys,
       "hidden": hs,

@@ -321,30 +321,19 @@ def make(config: Config = Config()) -> _base.Task:
 
   def loss_fn(params, batch):
     model = eqx.combine(params, static)
-
-    def step(carry, xs):
-      h, total = carry
-      y, x = xs
-      h = model(h, y)
-      return (h, total + losses.mse(model.readout(h), x)), None
-
-    h0 = model.initial_state((config.batch_size,))
-    (_, total), _ = jax.lax.scan(
-      step, (h0, losses.zero()), (batch["observations"], batch["latent"])
+    total = model.accumulate(
+      batch["observations"], batch["latent"], losses.mse, losses.zero()
     )
     return total / config.num_steps
 
   def network_mse(params, batch):
     model = eqx.combine(params, static)
-
-    def step(carry, xs):
-      h, total = carry
-      y, x = xs
-      h = model(h, y)
-      return (h, total + jnp.sum(jnp.square(model.readout(h) - x))), None
-
-    init = (model.initial_state((config.batch_size,)), jnp.zeros(()))
-    (_, total), _ = jax.lax.scan(step, init, (batch["observations"], batch["latent"]))
+    total = model.accumulate(
+      batch["observations"],
+      batch["latent"],
+      lambda y, x: jnp.sum(jnp.square(y - x)),
+      jnp.zeros(()),
+    )
     return total / (config.num_steps * config.batch_size)
 
   def metrics(params, batch):
@@ -359,15 +348,7 @@ def make(config: Config = Config()) -> _base.Task:
     }
 
   def outputs(params, batch):
-    model = eqx.combine(params, static)
-
-    def step(h, y):
-      h = model(h, y)
-      return h, model.readout(h)
-
-    _, estimates = jax.lax.scan(
-      step, model.initial_state((config.batch_size,)), batch["observations"]
-    )
+    estimates, _ = eqx.combine(params, static).run(batch["observations"])
     kalman_means, kalman_vars = kalman_filter(
       batch["observations"][..., 0],
       batch["tau"],
