@@ -265,6 +265,35 @@ def test_leaky_rnn_step_matches_its_equation():
   assert len(jax.tree.leaves(params)) == 5
 
 
+def test_leaky_rnn_run_and_accumulate_match_a_float64_loop():
+  rnn = tasks.LeakyRNN(2, 6, 3, leak=0.5, activation="tanh", key=jax.random.key(1))
+  w_rec, w_in, bias, w_out, b_out = (
+    np.asarray(a, np.float64)
+    for a in (rnn.w_rec, rnn.w_in, rnn.bias, rnn.w_out, rnn.b_out)
+  )
+  rng = np.random.default_rng(1)
+  inputs = rng.normal(size=(7, 4, 2)).astype(np.float32)
+  targets = rng.normal(size=(7, 4, 3)).astype(np.float32)
+  h, outputs, hidden, squared_error = np.zeros((4, 6)), [], [], 0.0
+  for x, target in zip(inputs.astype(np.float64), targets.astype(np.float64)):
+    h = 0.5 * h + 0.5 * np.tanh(h @ w_rec.T + x @ w_in.T + bias)
+    y = h @ w_out.T + b_out
+    outputs.append(y)
+    hidden.append(h)
+    squared_error += np.sum((y - target) ** 2)
+
+  got_outputs, got_hidden = eqx.filter_jit(tasks.LeakyRNN.run)(rnn, inputs)
+  np.testing.assert_allclose(got_outputs, np.stack(outputs), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got_hidden, np.stack(hidden), rtol=1e-5, atol=1e-6)
+  total = rnn.accumulate(
+    inputs, targets, lambda y, z: jnp.sum(jnp.square(y - z)), jnp.zeros(())
+  )
+  np.testing.assert_allclose(total, squared_error, rtol=1e-5)
+  # With sofo_jax.losses the sum is a Loss: squared error over the batch of 4.
+  loss = rnn.accumulate(inputs, targets, sofo_jax.losses.mse, sofo_jax.losses.zero())
+  np.testing.assert_allclose(loss.value, squared_error / 4, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
   "kwargs", [dict(activation="sigmoid"), dict(leak=0.0), dict(leak=1.5)]
 )
