@@ -135,6 +135,33 @@ def ratio_stats(numerator: list[float], denominator: list[float]) -> dict:
   }
 
 
+# The instruction sets XLA's CPU code generation and kernels choose by.
+_ISA_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile")
+
+
+def cpu() -> dict:
+  """The CPU's model name and instruction sets (Linux), else what ``platform`` knows.
+
+  ``platform.processor()`` says only ``x86_64`` on Linux. The CPU matters:
+  XLA picks its CPU kernels by the host's instruction sets, so the same
+  program can round differently on another CPU, and a long training run
+  can end elsewhere.
+  """
+  model, flags = platform.processor() or platform.machine(), set()
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+      for line in cpuinfo:
+        name, _, value = line.partition(":")
+        if name.strip() == "model name":
+          model = value.strip()
+        elif name.strip() == "flags":
+          flags = set(value.split())
+          break
+  except OSError:
+    pass
+  return {"cpu_model": model, "cpu_isa": [f for f in _ISA_FLAGS if f in flags]}
+
+
 def machine() -> dict:
   """Where and with what a benchmark ran."""
   import optax  # pylint: disable=g-import-not-at-top
@@ -143,6 +170,7 @@ def machine() -> dict:
   return {
     "platform": platform.platform(),
     "processor": platform.processor() or platform.machine(),
+    **cpu(),
     "cpu_count": os.cpu_count(),
     "python": platform.python_version(),
     "jax": jax.__version__,

@@ -521,3 +521,14 @@ def test_initial_losses_quick(tmp_path):
     task.init_params(init_key), task.sample_batch(jax.random.key(1000))
   )
   np.testing.assert_allclose(losses[0, 0], float(expected), rtol=1e-5)
+
+
+def test_machine_names_the_cpu_and_its_instruction_sets(monkeypatch):
+  monkeypatch.syspath_prepend(str(RUN.parent))
+  import _harness  # pylint: disable=g-import-not-at-top
+
+  cpu = _harness.machine()
+  assert isinstance(cpu["cpu_model"], str) and cpu["cpu_model"]
+  assert set(cpu["cpu_isa"]) <= set(_harness._ISA_FLAGS)
+  if sys.platform == "linux" and "avx2" in Path("/proc/cpuinfo").read_text():
+    assert "avx2" in cpu["cpu_isa"]
