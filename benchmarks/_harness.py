@@ -35,19 +35,28 @@ def sofo_from_options(
 
   Args:
     options: ``learning_rate`` (a number or an optax schedule; default 1, the
-      paper's), optionally ``num_tangents``, and any other keyword of
-      :func:`sofo_jax.sofo`.
+      paper's), optionally ``num_tangents`` and ``weight_decay``, and any
+      other keyword of :func:`sofo_jax.sofo`.
     num_tangents: K, unless ``options`` gives it.
     key: the tangents' PRNG key.
 
   Returns:
-    ``sofo_jax.sofo(learning_rate, K, key=key, **rest)``.
+    ``sofo_jax.sofo(learning_rate, K, key=key, **rest)``; with a
+    ``weight_decay`` of w, followed by ``optax.add_decayed_weights(-w)``, so
+    that each update also shrinks the parameters by the factor 1 - w
+    (decoupled from the learning rate; step control judges the SOFO step
+    alone).
   """
   rest = dict(options)
   learning_rate = rest.pop("learning_rate", 1.0)
-  return sofo_jax.sofo(
+  weight_decay = rest.pop("weight_decay", None)
+  optimizer = sofo_jax.sofo(
     learning_rate, rest.pop("num_tangents", num_tangents), key=key, **rest
   )
+  if weight_decay is None:
+    return optimizer
+  # sofo's updates are already -lr d: add -w theta to shrink the parameters.
+  return optax.chain(optimizer, optax.add_decayed_weights(-weight_decay))
 
 
 def short(x: float | None, digits: int = 3) -> str:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from commands import run_ok
 
+import sofo_jax
 from sofo_jax.tasks import double_reach
 
 pytest.importorskip("matplotlib")
@@ -532,3 +533,22 @@ def test_machine_names_the_cpu_and_its_instruction_sets(monkeypatch):
   assert set(cpu["cpu_isa"]) <= set(_harness._ISA_FLAGS)
   if sys.platform == "linux" and "avx2" in Path("/proc/cpuinfo").read_text():
     assert "avx2" in cpu["cpu_isa"]
+
+
+def test_sofo_from_options_weight_decay_shrinks_the_parameters(monkeypatch):
+  monkeypatch.syspath_prepend(str(RUN.parent))
+  import _harness  # pylint: disable=g-import-not-at-top
+
+  params = {"w": np.linspace(0.5, 2.0, 6, dtype=np.float32).reshape(3, 2)}
+  x = np.arange(12, dtype=np.float32).reshape(4, 3) / 10
+
+  def loss_fn(p):
+    return sofo_jax.losses.mse(x @ p["w"], np.ones((4, 2), np.float32))
+
+  def update(options):
+    optimizer = _harness.sofo_from_options(options, 3, jax.random.key(0))
+    state = optimizer.init(params)
+    return optimizer.update(None, state, params, loss_fn=loss_fn)[0]["w"]
+
+  plain, decayed = update({}), update({"weight_decay": 0.1})
+  np.testing.assert_allclose(decayed, plain - 0.1 * params["w"], rtol=1e-6)
