@@ -271,28 +271,13 @@ def make(config: Config = Config()) -> _base.Task:
 
   def loss_fn(params, batch):
     model = eqx.combine(params, static)
-
-    def step(carry, xs):
-      h, total = carry
-      x, label = xs
-      h = model(h, x)
-      return (h, total + losses.softmax_cross_entropy(model.readout(h), label)), None
-
-    h0 = model.initial_state(batch["labels"].shape[1:])
-    (_, total), _ = jax.lax.scan(
-      step, (h0, losses.zero()), (batch["inputs"], batch["labels"])
+    total = model.accumulate(
+      batch["inputs"], batch["labels"], losses.softmax_cross_entropy, losses.zero()
     )
     return total / batch["labels"].shape[0]
 
   def outputs(params, batch):
-    model = eqx.combine(params, static)
-
-    def step(h, x):
-      h = model(h, x)
-      return h, (model.readout(h), h)
-
-    h0 = model.initial_state(batch["inputs"].shape[1:-1])
-    _, (logits, hidden) = jax.lax.scan(step, h0, batch["inputs"])
+    logits, hidden = eqx.combine(params, static).run(batch["inputs"])
     return {**batch, "logits": logits, "hidden": hidden}
 
   def metrics(params, batch):
