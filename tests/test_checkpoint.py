@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 
+import chex
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -705,6 +706,59 @@ def test_a_version_1_checkpoint_still_restores(tmp_path):
   np.testing.assert_allclose(
     restored.opt_state[0].mu["w"], 0.1 * np.arange(6.0).reshape(2, 3)
   )
+
+
+TUPLE_LAYOUT = pathlib.Path(__file__).parent / "data" / "checkpoint_v2_sofo_tuple_state"
+
+
+def _tuple_layout_run(steps):
+  """The run saved in TUPLE_LAYOUT after 2 steps by sofo_jax 0.1.0, whose SOFO
+  state kept last_update and recycled as tuples of the trained leaves."""
+  params = {
+    "w": jnp.arange(6.0).reshape(2, 3) / 10,
+    "b": jnp.full((3,), 0.5),
+    "frozen": jnp.ones((3,)),
+    "n": jnp.array(3),
+  }
+  mask = {"w": True, "b": True, "frozen": False, "n": False}
+  x = jnp.linspace(-1, 1, 8).reshape(4, 2)
+
+  def loss_fn(p):
+    out = jnp.tanh(x @ p["w"] + p["b"]) * p["frozen"]
+    return losses.mse(out, jnp.full_like(out, 0.3))
+
+  opt = sofo_jax.sofo(1.0, 4, key=jax.random.key(0), mask=mask, num_recycled=1)
+  state = opt.init(params)
+  like = (params, state)
+  for _ in range(steps):
+    updates, state = opt.update(None, state, params, loss_fn=loss_fn)
+    params = optax.apply_updates(params, updates)
+  return like, params, state, opt, loss_fn
+
+
+def test_a_sofo_state_saved_with_tuple_buffers_restores_into_the_new_layout(tmp_path):
+  """Nothing a user saved is lost when the state's layout changes: the
+  buffers come back shaped like the params, each array in its own place."""
+  copy = tmp_path / "old"
+  shutil.copytree(TUPLE_LAYOUT, copy)
+  like, params, state, opt, loss_fn = _tuple_layout_run(steps=2)
+  restored = checkpoint.restore(copy, like=like)
+  assert restored.step == 2
+  inner = sofo_jax.get_state(restored.opt_state)
+  assert isinstance(inner.last_update["frozen"], optax.MaskedNode)
+  assert isinstance(inner.recycled["n"], optax.MaskedNode)
+  assert inner.recycled["w"].shape == (1, 2, 3)
+  assert jax.tree.structure(restored.opt_state) == jax.tree.structure(state)
+  # The same two steps run now: every array where this code puts it (the
+  # leaves differ, so a swap would show). Rounding may differ by CPU.
+  chex.assert_trees_all_close(restored.params, params, rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(restored.opt_state, state, rtol=1e-5, atol=1e-7)
+  # It trains on, and the new layout saves and restores as such.
+  _, resumed = opt.update(None, restored.opt_state, restored.params, loss_fn=loss_fn)
+  assert jax.tree.structure(resumed) == jax.tree.structure(state)
+  checkpoint.save(tmp_path / "new", restored.params, resumed, step=3)
+  again = checkpoint.restore(tmp_path / "new", like=like)
+  chex.assert_trees_all_equal(again.opt_state, resumed)
 
 
 def test_a_corrupted_version_1_checkpoint_is_a_value_error(tmp_path):

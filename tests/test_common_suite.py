@@ -192,8 +192,7 @@ def _check_state_sharding():
   loss_fn = lambda p: losses.mse(p["w"], w_target) + losses.mse(p["b"], b_target)
   opt = sofo_jax.sofo(1.0, 4, key=jax.random.key(0))  # momentum keeps last_update
   state = opt.init(params)
-  names = sorted(params)  # last_update holds the trainable leaves, in order
-  for leaf, name in zip(sofo_jax.get_state(state).last_update, names):
+  for name, leaf in sofo_jax.get_state(state).last_update.items():
     _assert_sharded_like(leaf, shardings[name])
 
   @jax.jit
@@ -208,7 +207,7 @@ def _check_state_sharding():
   for tree in (params, updates):
     for name, leaf in tree.items():
       _assert_sharded_like(leaf, shardings[name])
-  for leaf, name in zip(sofo_jax.get_state(state2).last_update, names):
+  for name, leaf in sofo_jax.get_state(state2).last_update.items():
     _assert_sharded_like(leaf, shardings[name])
   replicated = NamedSharding(mesh, P())
   for leaf in jax.tree.leaves(sofo_jax.get_diagnostics(state2)):
@@ -237,6 +236,80 @@ _NUM_TANGENTS = 4
 def _mixed():
   initial, _, loss_fn, _ = _mixed_tensors(jnp.float32)
   return initial, loss_fn
+
+
+_TREE_MAP_OPTIMIZERS = {
+  "sofo": lambda: sofo_jax.sofo(1.0, 4, key=jax.random.key(0)),
+  "sofo_recycled": lambda: sofo_jax.sofo(1.0, 4, key=jax.random.key(0), num_recycled=1),
+  "sofo_fixed_damping": lambda: sofo_jax.sofo(
+    1.0, 4, key=jax.random.key(0), adaptive=False
+  ),
+  "forward_gradient": lambda: sofo_jax.forward_gradient(0.1, 4, key=jax.random.key(0)),
+  "injected": lambda: optax.inject_hyperparams(
+    sofo_jax.sofo, static_args=("num_tangents", "key")
+  )(learning_rate=1.0, num_tangents=4, key=jax.random.key(0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_TREE_MAP_OPTIMIZERS))
+def test_tree_map_params_reaches_every_params_shaped_buffer(name):
+  """optax.tree_map_params, used to build the state's partition specs: it
+  maps exactly the fields shaped like the params and nothing else."""
+  params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+  x = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+  loss_fn = lambda p: losses.mse(jnp.tanh(x @ p["w"] + p["b"]), jnp.ones((4, 2)))
+  opt = _TREE_MAP_OPTIMIZERS[name]()
+  _, state = opt.update(None, opt.init(params), params, loss_fn=loss_fn)
+  specs = {"w": P("data", None), "b": P()}
+  mapped = optax.tree_map_params(
+    opt, lambda _, spec: spec, state, specs, transform_non_params=lambda _: "other"
+  )
+  inner, mapped_inner = sofo_jax.get_state(state), sofo_jax.get_state(mapped)
+  buffers = [
+    field
+    for field in ("last_update", "recycled")
+    if getattr(inner, field, None) is not None
+  ]
+  assert buffers == {
+    "sofo": ["last_update"],  # the momentum tangent
+    "sofo_recycled": ["last_update", "recycled"],
+    "injected": ["last_update"],
+  }.get(name, [])
+  for field in buffers:
+    assert getattr(mapped_inner, field) == specs
+  # Everything else (count, key, damping, diagnostics) is not params-shaped.
+  others = [leaf for leaf in jax.tree.leaves(mapped) if not isinstance(leaf, P)]
+  assert others and set(others) == {"other"}
+  assert len(others) == len(jax.tree.leaves(state)) - 2 * len(buffers)
+
+
+def test_tree_map_params_with_untrained_leaves_follows_optax_masked():
+  """Leaves SOFO does not train (outside the mask, or integer) hold
+  optax.MaskedNode in the buffers, as in optax.masked's state: tree_map_params
+  reaches them with the same is_leaf."""
+  params = {"w": jnp.ones((3, 2)), "frozen": jnp.ones(2), "n": jnp.array(3)}
+  opt = sofo_jax.sofo(
+    1.0, 4, key=jax.random.key(0), mask={"w": True, "frozen": False, "n": False}
+  )
+  state = opt.init(params)
+  is_masked = lambda node: isinstance(node, optax.MaskedNode)
+  as_bfloat16 = optax.tree_map_params(
+    opt,
+    lambda p: p if is_masked(p) else p.astype(jnp.bfloat16),
+    state,
+    is_leaf=is_masked,
+  )
+  last_update = sofo_jax.get_state(as_bfloat16).last_update
+  assert last_update["w"].dtype == jnp.bfloat16
+  assert is_masked(last_update["frozen"]) and is_masked(last_update["n"])
+  assert sofo_jax.get_state(as_bfloat16).damping.dtype == jnp.float32
+
+
+def test_params_with_no_leaves_init_for_tree_map_params_but_do_not_train():
+  opt = sofo_jax.sofo(1.0, 4, key=jax.random.key(0))
+  state = opt.init({})  # what optax.tree_map_params does with its placeholder
+  with pytest.raises(ValueError, match="no floating-point parameters"):
+    opt.update(None, state, {}, loss_fn=lambda p: losses.mse(jnp.zeros(1), jnp.ones(1)))
 
 
 @functools.cache

@@ -102,8 +102,13 @@ def test_updates_are_exactly_zero_on_frozen_entries_over_steps(name):
   flags = [f for f, t in zip(jax.tree.leaves(frozen), part.trainable_flags) if t]
   for buffer in (getattr(inner, "last_update", None), getattr(inner, "recycled", None)):
     if buffer is not None:
-      assert any(np.any(np.asarray(b) != 0) for b in buffer)
-      for b, f in zip(buffer, flags):
+      # Shaped like the params, with optax.MaskedNode on untrained leaves.
+      is_masked = lambda node: isinstance(node, optax.MaskedNode)
+      masked = jax.tree.leaves(jax.tree.map(is_masked, buffer, is_leaf=is_masked))
+      assert masked == [not t for t in part.trainable_flags]
+      leaves = jax.tree.leaves(buffer)
+      assert any(np.any(np.asarray(b) != 0) for b in leaves)
+      for b, f in zip(leaves, flags, strict=True):
         assert np.all(np.asarray(b)[..., f] == 0)
 
 

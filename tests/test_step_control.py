@@ -228,11 +228,13 @@ def test_recycled_tangents_are_the_top_curvature_directions():
   )
   state = opt.init(params)
   _, state = opt.update(None, state, params, loss_fn=loss_fn)
+  # Shaped like the params, each leaf with a leading axis of num_recycled.
+  assert jax.tree.structure(state.recycled) == jax.tree.structure(params)
   for i in range(2):
-    flat = jnp.concatenate([r[i].reshape(-1) for r in state.recycled])
+    flat = jnp.concatenate([r[i].reshape(-1) for r in jax.tree.leaves(state.recycled)])
     np.testing.assert_allclose(jnp.linalg.norm(flat), 1.0, rtol=1e-5)
-  top = [r[-1:] for r in state.recycled]  # eigenvalues ascend: the largest is last
-  tangents = jax.tree.unflatten(jax.tree.structure(params), top)
+  # Eigenvalues ascend: the largest is last.
+  tangents = jax.tree.map(lambda r: r[-1:], state.recycled)
   _, _, curvature = sofo_jax.sketch(loss_fn, params, tangents)
   np.testing.assert_allclose(
     curvature[0, 0], state.diagnostics.max_eigenvalue, rtol=1e-4

@@ -61,6 +61,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sofo_jax._src import legacy_layout
+
 _FORMAT = "sofo_jax.checkpoint"
 _VERSION = 2
 _ARRAYS = "arrays"  # orbax item names inside one checkpoint directory
@@ -409,11 +411,22 @@ def _read_arrays(read: Callable[[Any], dict], where: str, args: Any) -> dict:
     ) from error
 
 
+def _saved_paths(raw: Any) -> list | None:
+  """The leaf paths a manifest lists, without checking it (None if unreadable)."""
+  body = raw.get("body", raw) if isinstance(raw, dict) else None
+  leaves = body.get("leaves") if isinstance(body, dict) else None
+  if not isinstance(leaves, list):
+    return None
+  return [entry.get("path") if isinstance(entry, dict) else None for entry in leaves]
+
+
 def _restore_from(read: Callable[[Any], dict], where: str, like: Any) -> Checkpoint:
-  """Restores one checkpoint directory, ``read(args)`` being orbax's restore."""
+  """Restores one checkpoint directory, ``read(args)`` being orbax's restore.
+
+  A SOFO state saved in the layout of version 0.1.0, with flat tuples for
+  its buffers, is read in that layout and then reshaped into ``like``'s.
+  """
   ocp = _orbax()
-  leaves, paths, treedef = _flatten(*like)
-  expected = [_expected(leaf) for leaf in leaves]
   try:
     raw = read(ocp.args.Composite(**{_MANIFEST: ocp.args.JsonRestore()}))[_MANIFEST]
   except Exception as error:  # orbax raises many kinds; all mean the same
@@ -421,6 +434,24 @@ def _restore_from(read: Callable[[Any], dict], where: str, like: Any) -> Checkpo
       f"The checkpoint at {where} is corrupted or incomplete: its metadata "
       f"could not be read ({_short(error)})."
     ) from error
+  params, opt_state = like
+  if legacy_layout.has_buffers(opt_state):
+    old_like = (params, legacy_layout.to_tuple_layout(opt_state))
+    if _saved_paths(raw) == _flatten(*old_like)[1]:
+      restored = _restore_layout(read, where, raw, old_like)
+      return restored._replace(
+        opt_state=legacy_layout.from_tuple_layout(restored.opt_state, opt_state)
+      )
+  return _restore_layout(read, where, raw, like)
+
+
+def _restore_layout(
+  read: Callable[[Any], dict], where: str, raw: Any, like: Any
+) -> Checkpoint:
+  """Restores the checkpoint whose manifest is ``raw`` into ``like``'s layout."""
+  ocp = _orbax()
+  leaves, paths, treedef = _flatten(*like)
+  expected = [_expected(leaf) for leaf in leaves]
   if isinstance(raw, dict) and raw.get("format") == _FORMAT and raw.get("version") == 1:
     return _restore_version_1(read, where, raw, leaves, paths, treedef, expected)
   body = _unseal(raw, where)

@@ -125,7 +125,7 @@ def scale_by_forward_gradient(
 
   def init_fn(params):
     multisteps.check_not_in_multisteps(owner)
-    validation.check_params(params, owner, mask)
+    validation.check_params_at_init(params, owner, mask)
     dtype = jnp.zeros(()).dtype
     return ScaleByForwardGradientState(
       count=jnp.zeros((), jnp.int32),

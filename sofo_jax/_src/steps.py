@@ -90,7 +90,7 @@ def is_spike(loss, previous_loss, ratio):
 
 def _flat_last_update(state, dtype):
   """The last update (leaves in the state) as one flat vector."""
-  return tangents_lib.flatten(list(state.last_update), dtype, batch_ndim=0)
+  return tangents_lib.flatten(jax.tree.leaves(state.last_update), dtype, batch_ndim=0)
 
 
 def controlled_step(
@@ -213,20 +213,23 @@ def controlled_step(
   )
 
 
-def top_directions(system, tangents, trainable, count, previous):
+def top_directions(system, tangents, part, count, previous):
   """The ``count`` highest-curvature directions :math:`\\Theta u_i`, normalised.
 
-  Returned as leaves like ``previous``, which a non-finite sketch keeps.
+  Returned as a buffer like ``previous`` (see ``Partition.buffer``), which a
+  non-finite sketch keeps.
   """
   if not count:
     return None
   top = system.eigenvectors[:, -count:].T  # (count, K), largest last
   directions = tangents_lib.normalize_rows(
-    tangents_lib.combine_flat(top, tangents, trainable)
+    tangents_lib.combine_flat(top, tangents, part.trainable)
   )
-  return tuple(
+  return part.buffer(
     jnp.where(system.finite, d, p)
-    for d, p in zip(tangents_lib.unflatten(directions, trainable), previous)
+    for d, p in zip(
+      tangents_lib.unflatten(directions, part.trainable), jax.tree.leaves(previous)
+    )
   )
 
 

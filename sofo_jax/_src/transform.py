@@ -78,11 +78,16 @@ class ScaleBySofoState(NamedTuple):
     key: raw PRNG key data, split at every step.
     damping: the damping :math:`\\lambda` for the next step (adapted by
       step control; the fixed value without it).
-    last_update: the last parameter update (trainable leaves, as the chain
-      applies it), kept for the next-batch check of adaptive step control;
-      ``None`` without it.
-    recycled: the tangents kept for the next step (``num_recycled``), as
-      leaves with a leading axis; ``None`` without recycling.
+    last_update: the last parameter update, as the chain applies it, kept
+      for the momentum tangent and the next-batch check of step control;
+      ``None`` without either. Shaped like the params, with
+      ``optax.MaskedNode()`` on the leaves SOFO does not train (as
+      ``optax.masked`` keeps its state), so ``optax.tree_map_params``
+      reaches it.
+    recycled: the tangents kept for the next step (``num_recycled``), shaped
+      like the params with a leading axis of ``num_recycled`` on each
+      trained leaf and ``optax.MaskedNode()`` elsewhere; ``None`` without
+      recycling.
     diagnostics: :class:`SofoDiagnostics` of the last step.
     aux: the closure's auxiliary output of the last step (``has_aux``), else
       ``None``.
@@ -357,31 +362,27 @@ def scale_by_sofo(
   keeps_last_update = momentum or (adaptive and step_control.revert_ratio is not None)
   num_fresh = num_tangents - num_recycled - int(momentum)
 
-  def last_update_init(params):
-    if not keeps_last_update:
+  def zero_buffer(params, part, keep: bool, zeros):
+    """A params-shaped buffer, ``zeros(leaf)`` on each trained leaf."""
+    if not keep:
       return None
-    part = tree_lib.partition(params, mask)
-    return tuple(jnp.zeros_like(p) for p in part.trainable)
+    if part is None:  # optax.tree_map_params's placeholder: keep its structure
+      return jax.tree.map(lambda leaf: leaf, params)
+    return part.buffer(zeros(p) for p in part.trainable)
 
-  def recycled_init(params):
-    if not num_recycled:
-      return None
-    part = tree_lib.partition(params, mask)
-    return tuple(
-      sharding_lib.like(jnp.zeros((num_recycled, *p.shape), p.dtype), p)
-      for p in part.trainable
-    )
+  def zero_recycled(p):
+    return sharding_lib.like(jnp.zeros((num_recycled, *p.shape), p.dtype), p)
 
   def init_fn(params):
     multisteps.check_not_in_multisteps(owner)
-    validation.check_params(params, owner, mask)
+    part = validation.check_params_at_init(params, owner, mask)
     aux = validation.zeros_like_example(aux_example)
     return ScaleBySofoState(
       count=jnp.zeros((), jnp.int32),
       key=jnp.array(key_data, copy=True),
       damping=jnp.asarray(damping, _float_dtype()),
-      last_update=last_update_init(params),
-      recycled=recycled_init(params),
+      last_update=zero_buffer(params, part, keeps_last_update, jnp.zeros_like),
+      recycled=zero_buffer(params, part, bool(num_recycled), zero_recycled),
       diagnostics=_initial_diagnostics(num_tangents),
       aux=aux,
     )
@@ -404,7 +405,9 @@ def scale_by_sofo(
     ]
     flat_dtype = rows[0].dtype
     if momentum:
-      last = tangents_lib.flatten(list(state.last_update), flat_dtype, batch_ndim=0)
+      last = tangents_lib.flatten(
+        jax.tree.leaves(state.last_update), flat_dtype, batch_ndim=0
+      )
       # The fresh and recycled rows already hold values of each leaf's dtype.
       rows.append(
         tangents_lib.round_to_leaves(
@@ -412,7 +415,7 @@ def scale_by_sofo(
         )
       )
     if num_recycled:
-      rows.append(tangents_lib.flatten(list(state.recycled), flat_dtype))
+      rows.append(tangents_lib.flatten(jax.tree.leaves(state.recycled), flat_dtype))
     tangents = jnp.concatenate(rows)
     tangent_leaves = tangents_lib.unflatten(tangents, part.trainable)
     sketch, aux = sketch_lib.sketch_leaves(
@@ -467,7 +470,7 @@ def scale_by_sofo(
         -jnp.asarray(eta, flat_dtype) * direction, part.trainable
       )
     if last_update is not None:
-      last_update = tuple(
+      last_update = part.buffer(
         tangents_lib.unflatten(
           jnp.where(step_is_finite, last_update, jnp.zeros((), flat_dtype)),
           part.trainable,
@@ -504,7 +507,7 @@ def scale_by_sofo(
       damping=jnp.asarray(outcome.next_damping, dtype),
       last_update=last_update,
       recycled=steps_lib.top_directions(
-        system, tangents, part.trainable, num_recycled, state.recycled
+        system, tangents, part, num_recycled, state.recycled
       ),
       diagnostics=diagnostics,
       aux=aux,

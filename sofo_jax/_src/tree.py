@@ -65,6 +65,16 @@ class Partition(NamedTuple):
     trained = jax.tree.unflatten(self.trainable_treedef, list(trainable_values))
     return eqx.combine(trained, jax.tree.map(other, self.frozen))
 
+  def buffer(self, trainable_values) -> Any:
+    """Per-leaf optimizer state shaped like the params, as optax keeps it.
+
+    ``trainable_values`` go on the trainable leaves and ``optax.MaskedNode()``
+    everywhere else, as in the state of ``optax.masked``, so that
+    ``optax.tree_map_params`` finds the field; ``jax.tree.leaves`` of the
+    result gives ``trainable_values`` back, in order.
+    """
+    return self.fill(trainable_values, lambda _: optax.MaskedNode())
+
 
 def _reject_masked_nodes(params: Any) -> None:
   is_masked = lambda node: isinstance(node, optax.MaskedNode)

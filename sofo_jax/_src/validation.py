@@ -99,6 +99,20 @@ def check_params(params: Any, owner: str, mask: Any) -> tree_lib.Partition:
   return part
 
 
+def check_params_at_init(
+  params: Any, owner: str, mask: Any
+) -> tree_lib.Partition | None:
+  """:func:`check_params`, except that a tree with no leaves gives ``None``.
+
+  ``optax.tree_map_params`` calls ``init`` on a placeholder with no leaves
+  to learn which fields of the state are shaped like the params. Such a
+  tree cannot be trained, and ``update`` still refuses it.
+  """
+  if params is not None and not jax.tree.leaves(params):
+    return None
+  return check_params(params, owner, mask)
+
+
 def _ignored_updates_message(owner: str) -> str:
   return (
     f"{owner} computes its own step from loss_fn, so the updates passed in "
