@@ -274,13 +274,14 @@ def test_leaky_rnn_run_and_accumulate_match_a_float64_loop():
   rng = np.random.default_rng(1)
   inputs = rng.normal(size=(7, 4, 2)).astype(np.float32)
   targets = rng.normal(size=(7, 4, 3)).astype(np.float32)
-  h, outputs, hidden, squared_error = np.zeros((4, 6)), [], [], 0.0
+  h, outputs, hidden, squared_error, positive = np.zeros((4, 6)), [], [], 0.0, 0
   for x, target in zip(inputs.astype(np.float64), targets.astype(np.float64)):
     h = 0.5 * h + 0.5 * np.tanh(h @ w_rec.T + x @ w_in.T + bias)
     y = h @ w_out.T + b_out
     outputs.append(y)
     hidden.append(h)
     squared_error += np.sum((y - target) ** 2)
+    positive += np.sum(y > 0)
 
   got_outputs, got_hidden = eqx.filter_jit(tasks.LeakyRNN.run)(rnn, inputs)
   np.testing.assert_allclose(got_outputs, np.stack(outputs), rtol=1e-5, atol=1e-6)
@@ -292,6 +293,15 @@ def test_leaky_rnn_run_and_accumulate_match_a_float64_loop():
   # With sofo_jax.losses the sum is a Loss: squared error over the batch of 4.
   loss = rnn.accumulate(inputs, targets, sofo_jax.losses.mse, sofo_jax.losses.zero())
   np.testing.assert_allclose(loss.value, squared_error / 4, rtol=1e-5)
+  # Several sums at once (as the tasks' metrics), a Loss among them.
+  totals = rnn.accumulate(
+    inputs,
+    targets,
+    lambda y, z: {"loss": sofo_jax.losses.mse(y, z), "positive": jnp.sum(y > 0)},
+    {"loss": sofo_jax.losses.zero(), "positive": jnp.zeros((), jnp.int32)},
+  )
+  np.testing.assert_allclose(totals["loss"].value, squared_error / 4, rtol=1e-5)
+  assert int(totals["positive"]) == positive > 0
 
 
 @pytest.mark.parametrize(

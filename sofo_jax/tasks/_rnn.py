@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -11,10 +12,16 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from sofo_jax import losses
+
 _ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
   "tanh": jnp.tanh,
   "relu": jax.nn.relu,
 }
+
+
+def _is_loss(node: Any) -> bool:
+  return isinstance(node, losses.Loss)
 
 
 class LeakyRNN(eqx.Module):
@@ -167,11 +174,16 @@ class LeakyRNN(eqx.Module):
     nothing of length :math:`T` is kept, so the memory of the loss (and of
     a SOFO step through it) does not grow with the horizon.
 
+    The term may be a pytree (several sums at once, for metrics): it is
+    added leaf by leaf, a :class:`sofo_jax.losses.Loss` counting as one
+    leaf.
+
     Args:
       inputs: inputs, time-major, shape ``(T, *batch, n_in)``.
       targets: a pytree of arrays with leading axis ``T``, sliced per step.
       per_step: ``(y_t, z_t) -> term``, e.g. :func:`sofo_jax.losses.mse`.
-      initial: the starting total, e.g. :func:`sofo_jax.losses.zero`.
+      initial: the starting total, with the term's structure, e.g.
+        :func:`sofo_jax.losses.zero`.
 
     Returns:
       The total after the last step.
@@ -192,7 +204,8 @@ class LeakyRNN(eqx.Module):
       h, total = carry
       x, target = xs
       h = self(h, x)
-      return (h, total + per_step(self.readout(h), target)), None
+      term = per_step(self.readout(h), target)
+      return (h, jax.tree.map(operator.add, total, term, is_leaf=_is_loss)), None
 
     h0 = self.initial_state(inputs.shape[1:-1])
     (_, total), _ = jax.lax.scan(step, (h0, initial), (inputs, targets))

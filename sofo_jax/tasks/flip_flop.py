@@ -177,30 +177,25 @@ def make(config: Config = Config()) -> _base.Task:
     }
 
   def metrics(params, batch):
-    # Accumulated inside the scan, so memory does not grow with the horizon.
-    model = eqx.combine(params, static)
-
-    def step(carry, xs):
-      h, sq_err, correct, defined = carry
-      x, target = xs
-      h = model(h, x)
-      y = model.readout(h)
+    def counts(y, target):
       is_defined = target != 0
-      return (
-        h,
-        sq_err + jnp.sum(jnp.square(y - target)),
-        correct + jnp.sum(is_defined & (jnp.sign(y) == target)),
-        defined + jnp.sum(is_defined),
-      ), None
+      return {
+        "sq_err": jnp.sum(jnp.square(y - target)),
+        "correct": jnp.sum(is_defined & (jnp.sign(y) == target)),
+        "defined": jnp.sum(is_defined),
+      }
 
     zero = jnp.zeros(())
-    init = (model.initial_state((config.batch_size,)), zero, zero, zero)
-    (_, sq_err, correct, defined), _ = jax.lax.scan(
-      step, init, (batch["inputs"], batch["targets"])
+    # Summed inside the scan, so memory does not grow with the horizon.
+    total = eqx.combine(params, static).accumulate(
+      batch["inputs"],
+      batch["targets"],
+      counts,
+      {"sq_err": zero, "correct": zero, "defined": zero},
     )
     return {
-      "mse": sq_err / (config.num_steps * config.batch_size),
-      "accuracy": correct / jnp.maximum(defined, 1.0),
+      "mse": total["sq_err"] / (config.num_steps * config.batch_size),
+      "accuracy": total["correct"] / jnp.maximum(total["defined"], 1.0),
     }
 
   return _base.Task(

@@ -281,35 +281,35 @@ def make(config: Config = Config()) -> _base.Task:
     return {**batch, "logits": logits, "hidden": hidden}
 
   def metrics(params, batch):
-    # Accumulated inside the scan, so memory does not grow with seq_len.
-    model = eqx.combine(params, static)
-
-    def step(carry, xs):
-      h, cross_entropy, correct, decision_correct, decisions = carry
-      x, label = xs
-      h = model(h, x)
-      logits = model.readout(h)
+    def counts(logits, label):
       hit = jnp.argmax(logits, axis=-1) == label
       decision = label != 0
-      return (
-        h,
-        cross_entropy
-        + jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, label)),
-        correct + jnp.sum(hit),
-        decision_correct + jnp.sum(hit & decision),
-        decisions + jnp.sum(decision),
-      ), None
+      return {
+        "cross_entropy": jnp.sum(
+          optax.softmax_cross_entropy_with_integer_labels(logits, label)
+        ),
+        "correct": jnp.sum(hit),
+        "decision_correct": jnp.sum(hit & decision),
+        "decisions": jnp.sum(decision),
+      }
 
     zero = jnp.zeros(())
-    init = (model.initial_state(batch["labels"].shape[1:]),) + (zero,) * 4
-    (_, cross_entropy, correct, decision_correct, decisions), _ = jax.lax.scan(
-      step, init, (batch["inputs"], batch["labels"])
+    # Summed inside the scan, so memory does not grow with seq_len.
+    total = eqx.combine(params, static).accumulate(
+      batch["inputs"],
+      batch["labels"],
+      counts,
+      {
+        name: zero
+        for name in ("cross_entropy", "correct", "decision_correct", "decisions")
+      },
     )
     count = batch["labels"].size
     return {
-      "loss": cross_entropy / count,
-      "accuracy": correct / count,
-      "decision_accuracy": decision_correct / jnp.maximum(decisions, 1.0),
+      "loss": total["cross_entropy"] / count,
+      "accuracy": total["correct"] / count,
+      "decision_accuracy": total["decision_correct"]
+      / jnp.maximum(total["decisions"], 1.0),
     }
 
   return _base.Task(
