@@ -712,8 +712,9 @@ TUPLE_LAYOUT = pathlib.Path(__file__).parent / "data" / "checkpoint_v2_sofo_tupl
 
 
 def _tuple_layout_run(steps):
-  """The run saved in TUPLE_LAYOUT after 2 steps by sofo_jax 0.1.0, whose SOFO
-  state kept last_update and recycled as tuples of the trained leaves."""
+  """The run saved in TUPLE_LAYOUT after 2 steps by the sofo_jax of
+  2026-12-04, whose SOFO state kept last_update and recycled as tuples of
+  the trained leaves."""
   params = {
     "w": jnp.arange(6.0).reshape(2, 3) / 10,
     "b": jnp.full((3,), 0.5),
@@ -759,6 +760,31 @@ def test_a_sofo_state_saved_with_tuple_buffers_restores_into_the_new_layout(tmp_
   checkpoint.save(tmp_path / "new", restored.params, resumed, step=3)
   again = checkpoint.restore(tmp_path / "new", like=like)
   chex.assert_trees_all_equal(again.opt_state, resumed)
+
+
+@pytest.mark.parametrize("container", [list, tuple, dict])
+def test_old_and_new_buffer_layouts_both_restore(tmp_path, container):
+  """Where the two layouts have the same leaf paths (params in a list or a
+  tuple), the stored structure tells them apart."""
+  from sofo_jax._src import legacy_layout
+
+  leaves = [jnp.linspace(0.0, 1.0, 3), jnp.ones((2, 3))]
+  params = dict(zip("ab", leaves)) if container is dict else container(leaves)
+  x = jnp.linspace(-1, 1, 8).reshape(4, 2)
+
+  def loss_fn(p):
+    b, w = jax.tree.leaves(p)
+    return losses.mse(jnp.tanh(x @ w) + b, jnp.full((4, 3), 0.3))
+
+  opt = sofo_jax.sofo(1.0, 4, key=jax.random.key(0), num_recycled=1)
+  like = (params, opt.init(params))
+  _, state = opt.update(None, like[1], params, loss_fn=loss_fn)
+  old_state = legacy_layout.to_tuple_layout(state)
+  for name, saved in (("new", state), ("old", old_state)):
+    checkpoint.save(tmp_path / name, params, saved, step=1)
+    restored = checkpoint.restore(tmp_path / name, like=like)
+    assert jax.tree.structure(restored.opt_state) == jax.tree.structure(state)
+    chex.assert_trees_all_equal(restored.opt_state, state)
 
 
 def test_a_corrupted_version_1_checkpoint_is_a_value_error(tmp_path):

@@ -411,20 +411,27 @@ def _read_arrays(read: Callable[[Any], dict], where: str, args: Any) -> dict:
     ) from error
 
 
-def _saved_paths(raw: Any) -> list | None:
-  """The leaf paths a manifest lists, without checking it (None if unreadable)."""
+def _fits(raw: Any, like: Any) -> bool:
+  """Whether a manifest, unchecked, lists ``like``'s leaf paths and structure."""
   body = raw.get("body", raw) if isinstance(raw, dict) else None
-  leaves = body.get("leaves") if isinstance(body, dict) else None
-  if not isinstance(leaves, list):
-    return None
-  return [entry.get("path") if isinstance(entry, dict) else None for entry in leaves]
+  if not isinstance(body, dict) or not isinstance(body.get("leaves"), list):
+    return False
+  _, paths, treedef = _flatten(*like)
+  saved = [
+    leaf.get("path") if isinstance(leaf, dict) else None for leaf in body["leaves"]
+  ]
+  if saved != paths:
+    return False
+  # Version 1 stored str(treedef), which cannot be compared: paths only.
+  return raw.get("version") == 1 or body.get("structure") == _structure(treedef)
 
 
 def _restore_from(read: Callable[[Any], dict], where: str, like: Any) -> Checkpoint:
   """Restores one checkpoint directory, ``read(args)`` being orbax's restore.
 
-  A SOFO state saved in the layout of version 0.1.0, with flat tuples for
-  its buffers, is read in that layout and then reshaped into ``like``'s.
+  A SOFO state saved in the earlier layout, with flat tuples for its
+  buffers (see ``legacy_layout``), is read in that layout and then reshaped
+  into ``like``'s.
   """
   ocp = _orbax()
   try:
@@ -435,9 +442,9 @@ def _restore_from(read: Callable[[Any], dict], where: str, like: Any) -> Checkpo
       f"could not be read ({_short(error)})."
     ) from error
   params, opt_state = like
-  if legacy_layout.has_buffers(opt_state):
+  if legacy_layout.has_buffers(opt_state) and not _fits(raw, like):
     old_like = (params, legacy_layout.to_tuple_layout(opt_state))
-    if _saved_paths(raw) == _flatten(*old_like)[1]:
+    if _fits(raw, old_like):
       restored = _restore_layout(read, where, raw, old_like)
       return restored._replace(
         opt_state=legacy_layout.from_tuple_layout(restored.opt_state, opt_state)

@@ -1,6 +1,6 @@
 """Reading SOFO states saved before their buffers were shaped like the params.
 
-Up to version 0.1.0, :class:`~sofo_jax.ScaleBySofoState` kept ``last_update``
+Until 2026-12-05, :class:`~sofo_jax.ScaleBySofoState` kept ``last_update``
 and ``recycled`` as flat tuples of the trained leaves. They are now shaped
 like the params, with ``optax.MaskedNode()`` on the leaves SOFO does not
 train, so that ``optax.tree_map_params`` reaches them. Both layouts hold the
