@@ -79,6 +79,12 @@ def main(argv=None) -> int:
   parser.add_argument("--size", default="mid", choices=sorted(SIZES))
   parser.add_argument("--seeds", default="0,1")
   parser.add_argument("--steps", type=int, default=1500)
+  parser.add_argument(
+    "--num-tangents",
+    type=int,
+    default=NUM_TANGENTS,
+    help=f"SOFO's K (default {NUM_TANGENTS}; the paper's double reach used 256)",
+  )
   parser.add_argument("--adam-factor", type=int, default=5)
   parser.add_argument(
     "--sofo-variant",
@@ -94,7 +100,7 @@ def main(argv=None) -> int:
     num_tangents, steps = reproduce.QUICK_NUM_TANGENTS, 10
   else:
     config = dataclasses.replace(double_reach.Config(), **SIZES[args.size])
-    num_tangents, steps = NUM_TANGENTS, args.steps
+    num_tangents, steps = args.num_tangents, args.steps
   config = dataclasses.replace(config, num_tangents=num_tangents)
   task = double_reach.make(config)
   # Read by step_control_variants.make_optimizer when it builds SOFO.
