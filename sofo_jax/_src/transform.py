@@ -366,8 +366,8 @@ def scale_by_sofo(
     """A params-shaped buffer, ``zeros(leaf)`` on each trained leaf."""
     if not keep:
       return None
-    if part is None:  # optax.tree_map_params's placeholder: keep its structure
-      return jax.tree.map(lambda leaf: leaf, params)
+    if part is None:  # no leaves: optax.tree_map_params's placeholder
+      return params
     return part.buffer(zeros(p) for p in part.trainable)
 
   def zero_recycled(p):
