@@ -13,6 +13,7 @@ stored as leaf paths and node types, not ``str(treedef)``). Scenarios that
 need a process of their own run ``checkpoint_processes.py``.
 """
 
+import gc
 import json
 import os
 import pathlib
@@ -41,6 +42,19 @@ pytestmark = pytest.mark.filterwarnings(
 
 import sofo_jax  # pylint: disable=g-import-not-at-top
 from sofo_jax import checkpoint, losses
+
+
+@pytest.fixture(autouse=True)
+def _collect_orbax_leftovers():
+  """Finalises orbax's abandoned read coroutines inside this module's tests.
+
+  Left to the garbage collector, they surface later, under the filters of
+  whichever test runs next in the process, as pages of unraisable-exception
+  warnings.
+  """
+  yield
+  gc.collect()
+
 
 RNG = np.random.default_rng(0)
 X = jnp.asarray(RNG.normal(size=(32, 2)), jnp.float32)
