@@ -88,8 +88,8 @@ def is_spike(loss, previous_loss, ratio):
   return jnp.isfinite(previous_loss) & ~(loss <= bound)
 
 
-def _flat_last_update(state, dtype):
-  """The last update (leaves in the state) as one flat vector."""
+def flat_last_update(state, dtype):
+  """The last update (a params-shaped buffer in the state) as one flat vector."""
   return tangents_lib.flatten(jax.tree.leaves(state.last_update), dtype, batch_ndim=0)
 
 
@@ -126,7 +126,7 @@ def controlled_step(
   steps = tangents_lib.combine_flat(trials.coefficients, tangents, part.trainable)
   offsets = -jnp.asarray(eta, dtype) * steps
   last_update = (
-    _flat_last_update(state, dtype) if settings.revert_ratio is not None else None
+    flat_last_update(state, dtype) if settings.revert_ratio is not None else None
   )
   num_trials = settings.num_trials
   points = offsets

@@ -405,9 +405,7 @@ def scale_by_sofo(
     ]
     flat_dtype = rows[0].dtype
     if momentum:
-      last = tangents_lib.flatten(
-        jax.tree.leaves(state.last_update), flat_dtype, batch_ndim=0
-      )
+      last = steps_lib.flat_last_update(state, flat_dtype)
       # The fresh and recycled rows already hold values of each leaf's dtype.
       rows.append(
         tangents_lib.round_to_leaves(
