@@ -30,7 +30,7 @@ keeps what it measured; the hand paths go beside it, as ``.png``.
 
 At TF32, JAX's default matmul precision on the H200, step control rejected
 about a third of SOFO's steps on seed 0 once the loss had levelled off, and
-none with ``--matmul-precision float32`` (``benchmarks/README.md``,
+none with ``--matmul-precision float32`` (``benchmarks/gpu_figures.md``,
 "Rejections on the GPU"); where rejections fall is recorded
 (``rejected_per_100_steps``). Evaluating only step control's losses in
 float32 rejected more (``double_reach_gpu_loss_float32.json``, made by this

@@ -129,7 +129,7 @@ VARIANTS = {
   # is, instead of the last step being undone (the defaults). The third
   # choice, undoing and then stepping from the restored parameters on that
   # batch, was StepControl(step_after_revert=True) at commit a99b7b7, removed
-  # after it lost (benchmarks/README.md, "Stepping after an undo").
+  # after it lost (benchmarks/experiments.md, "Stepping after an undo").
   "no_revert": {"step_control": sofo_jax.StepControl(revert_ratio=None)},
   # A stability margin: accept a trial only if the same step taken 1.5 or 2
   # times as far still lowers the loss on its batch.

@@ -4,7 +4,7 @@ On an H200 at the paper's double-reach size, SOFO at its defaults rejected
 about three steps in four once its loss had levelled off, and stalled there,
 when the matmuls ran at TF32 (JAX's default on that GPU), but none with
 float32 matmuls; evaluating only step control's losses in float32 (an
-option since removed) did not help (``benchmarks/README.md``, "Rejections
+option since removed) did not help (``benchmarks/gpu_figures.md``, "Rejections
 on the GPU" and the section after it). So the rounding that
 matters is the sketch's. A candidate mechanism: TF32 keeps 10 mantissa bits,
 a relative error near :math:`2^{-11} \\approx 4.9 \\cdot 10^{-4}` per

@@ -55,7 +55,7 @@ from sofo_jax._src import solve as solve_lib
 # well-predicted step (to 1e-4 in about 40 steps). Levenberg–Marquardt
 # practice starts high when the initial point is far from a minimum, as a
 # random initialisation is. Measured against 1e-4 (the fixed damping) in
-# benchmarks/README.md, "Starting damping".
+# benchmarks/experiments.md, "Starting damping".
 START_DAMPING = 1.0
 
 
@@ -93,7 +93,7 @@ class StepControl:
       from four of six to one, and on the double reach kept every one of
       eight runs trained (the lower floor left two of eight at 30 and 300
       times the final loss of the others); flip-flop ended 6% higher,
-      delayed addition level (``benchmarks/README.md``, "The damping
+      delayed addition level (``benchmarks/experiments.md``, "The damping
       floor"). Pass 0 for a deterministic problem that should converge to
       round-off (full-batch least squares): its last steps are then exact
       Gauss–Newton steps.
@@ -117,7 +117,7 @@ class StepControl:
       one seed of six still spiked, to 10× its first loss against 1,454×; it
       is not the default because a bound relative to the parameters' norm
       also slows problems whose optimum is far from the start, or near
-      zero (``benchmarks/README.md``, "Late spikes").
+      zero (``benchmarks/experiments.md``, "Late spikes").
     lookahead: a stability margin along the step. A trial step
       :math:`\\delta_j` is accepted only if the loss at
       :math:`\\theta + a\\,\\delta_j`, with :math:`a` = ``lookahead`` > 1,
@@ -133,7 +133,7 @@ class StepControl:
       defaults); it is not the default because on the double reach it
       moved the spikes to other seeds and left one run of eight stalled,
       and it cost flip-flop 11% and delayed addition two solved seeds of
-      ten (``benchmarks/README.md``, "A stability margin along the
+      ten (``benchmarks/experiments.md``, "A stability margin along the
       step").
 
   Example:
