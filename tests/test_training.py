@@ -292,6 +292,78 @@ def test_fit_warns_once_when_many_training_losses_are_not_finite():
       progress=False,
     )
   assert not [w for w in caught if "non-finite loss" in str(w.message)]
+  assert not [w for w in caught if "times the first" in str(w.message)]
+
+
+def _task_with_rare_steep_batches():
+  """A one-weight regression where about one batch in ten is 30 times steeper.
+
+  From w = 0 every batch's loss is 0.64. Once w has moved towards its target
+  of 0.8, a steep batch (inputs 30, targets 0.8) has a loss of several
+  hundred: a finite spike far above 3x the first.
+  """
+
+  def loss_fn(params, steep):
+    x = jnp.where(steep, 30.0, 1.0) * jnp.ones((4, 1))
+    return losses.mse(x * params["w"], jnp.full((4, 1), 0.8))
+
+  return _one_weight_task(
+    "steep_batches", loss_fn, lambda key: jax.random.bernoulli(key, 0.1)
+  )
+
+
+# From w = 0 the first step overshoots onto a steep batch (step 1) and is
+# undone; from w = 0.7 a steep batch is steep before and after the last step,
+# and the first comes in a later chunk (step 31).
+@pytest.mark.parametrize("start, seed, undone", [(0.0, 0, True), (0.7, 3, False)])
+def test_fit_warns_once_at_the_first_loss_above_three_times_the_first(
+  start, seed, undone
+):
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    history = training.fit(
+      _task_with_rare_steep_batches(),
+      "sofo",
+      60,
+      key=jax.random.key(seed),
+      chunk_size=5,
+      progress=False,
+      params={"w": jnp.full((1,), start)},
+    )
+  messages = [str(w.message) for w in caught if "times the first" in str(w.message)]
+  spikes = np.flatnonzero(history.losses > training.SPIKE_RATIO * history.losses[0])
+  assert spikes.size >= 2  # several spikes, one warning
+  assert len(messages) == 1
+  step = int(spikes[0])
+  assert messages[0].startswith(f"At step {step} SOFO's training loss was")
+  ratio = history.losses[step] / history.losses[0]
+  assert f"{ratio:.3g} times the first" in messages[0]
+  assert bool(history.step_reverted[step]) == undone
+  assert ("check undid the step" in messages[0]) == undone
+  assert "validation_batches" in messages[0] and "larger" in messages[0]
+
+
+def test_fit_spike_warning_in_paper_mode_points_to_step_control():
+  # The paper's fixed damping overshoots on flip-flop's first step.
+  task = sofo_jax.tasks.flip_flop.make(sofo_jax.tasks.flip_flop.Config.quick())
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    history = training.fit(
+      task, "sofo", 3, key=jax.random.key(0), progress=False, adaptive=False
+    )
+  assert history.losses.max() > training.SPIKE_RATIO * history.losses[0]
+  messages = [str(w.message) for w in caught if "times the first" in str(w.message)]
+  assert len(messages) == 1
+  assert "adaptive=False" in messages[0] and "next-batch check" not in messages[0]
+
+
+def test_fit_spike_warning_ignores_non_finite_and_unscaled_losses():
+  assert training._first_spike(np.array([1.0, np.inf, np.nan, 2.9]), 1.0) is None
+  assert training._first_spike(np.array([1.0, 3.5, 4.0]), 1.0) == 1
+  # A first loss that is not positive gives no scale.
+  assert training._first_spike(np.array([5.0, 100.0]), 0.0) is None
+  assert training._first_spike(np.array([5.0, 100.0]), -1.0) is None
+  assert training._first_spike(np.array([5.0, 100.0]), np.nan) is None
 
 
 def test_fit_warns_once_when_most_steps_are_rejected_on_an_accelerator(monkeypatch):
