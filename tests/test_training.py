@@ -230,14 +230,24 @@ def _task_at_the_loss_precision_limit():
   return _one_weight_task("precision_limit", loss_fn, lambda key: jnp.zeros(()))
 
 
-def _rejection_warnings(task, num_steps=200):
+def _fit_warnings(task, num_steps, match, *, seed=0, chunk_size=50, **options):
+  """SOFO's fit history, and the messages of its warnings that contain ``match``."""
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     history = training.fit(
-      task, "sofo", num_steps, key=jax.random.key(0), chunk_size=50, progress=False
+      task,
+      "sofo",
+      num_steps,
+      key=jax.random.key(seed),
+      chunk_size=chunk_size,
+      progress=False,
+      **options,
     )
-  messages = [str(w.message) for w in caught if "rejected" in str(w.message)]
-  return history, messages
+  return history, [str(w.message) for w in caught if match in str(w.message)]
+
+
+def _rejection_warnings(task):
+  return _fit_warnings(task, 200, "rejected")
 
 
 def _task_unstable_on_some_batches():
@@ -258,16 +268,9 @@ def _task_unstable_on_some_batches():
 
 
 def test_fit_warns_once_when_many_training_losses_are_not_finite():
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    history = training.fit(
-      _task_unstable_on_some_batches(),
-      "sofo",
-      200,
-      key=jax.random.key(0),
-      chunk_size=50,
-      progress=False,
-    )
+  history, messages = _fit_warnings(
+    _task_unstable_on_some_batches(), 200, "non-finite loss"
+  )
   nonfinite = ~np.isfinite(history.losses)
   assert 0.1 < nonfinite.mean() < 0.3
   assert history.num_nonfinite_steps == nonfinite.sum()
@@ -275,24 +278,13 @@ def test_fit_warns_once_when_many_training_losses_are_not_finite():
   assert np.isfinite(np.asarray(history.params["w"])).all()
   trained = history.losses[~nonfinite]
   assert trained[-10:].max() < 0.1 * trained[0]
-  messages = [str(w.message) for w in caught if "non-finite loss" in str(w.message)]
   assert len(messages) == 1
   assert "of the last 100 training batches" in messages[0]
   assert "learning_rate=0.1" in messages[0]
-  # A task that trains does not warn.
+  # A task that trains does not warn, of non-finite losses or of spikes.
   flip_flop = sofo_jax.tasks.flip_flop
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    training.fit(
-      flip_flop.make(flip_flop.Config.quick()),
-      "sofo",
-      200,
-      key=jax.random.key(0),
-      chunk_size=50,
-      progress=False,
-    )
-  assert not [w for w in caught if "non-finite loss" in str(w.message)]
-  assert not [w for w in caught if "times the first" in str(w.message)]
+  _, messages = _fit_warnings(flip_flop.make(flip_flop.Config.quick()), 200, "")
+  assert not [m for m in messages if "non-finite loss" in m or "times the first" in m]
 
 
 def _task_with_rare_steep_batches():
@@ -319,18 +311,14 @@ def _task_with_rare_steep_batches():
 def test_fit_warns_once_at_the_first_loss_above_three_times_the_first(
   start, seed, undone
 ):
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    history = training.fit(
-      _task_with_rare_steep_batches(),
-      "sofo",
-      60,
-      key=jax.random.key(seed),
-      chunk_size=5,
-      progress=False,
-      params={"w": jnp.full((1,), start)},
-    )
-  messages = [str(w.message) for w in caught if "times the first" in str(w.message)]
+  history, messages = _fit_warnings(
+    _task_with_rare_steep_batches(),
+    60,
+    "times the first",
+    seed=seed,
+    chunk_size=5,
+    params={"w": jnp.full((1,), start)},
+  )
   spikes = np.flatnonzero(history.losses > training.SPIKE_RATIO * history.losses[0])
   assert spikes.size >= 2  # several spikes, one warning
   assert len(messages) == 1
@@ -346,13 +334,8 @@ def test_fit_warns_once_at_the_first_loss_above_three_times_the_first(
 def test_fit_spike_warning_in_paper_mode_points_to_step_control():
   # The paper's fixed damping overshoots on flip-flop's first step.
   task = sofo_jax.tasks.flip_flop.make(sofo_jax.tasks.flip_flop.Config.quick())
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    history = training.fit(
-      task, "sofo", 3, key=jax.random.key(0), progress=False, adaptive=False
-    )
+  history, messages = _fit_warnings(task, 3, "times the first", adaptive=False)
   assert history.losses.max() > training.SPIKE_RATIO * history.losses[0]
-  messages = [str(w.message) for w in caught if "times the first" in str(w.message)]
   assert len(messages) == 1
   assert "adaptive=False" in messages[0] and "next-batch check" not in messages[0]
 
