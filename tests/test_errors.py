@@ -233,6 +233,7 @@ def test_mask_of_the_wrong_structure(mask):
 _WRITE_A_LOSS = r"sofo_jax.losses.mse\(predictions, targets\)"
 
 
+@pytest.mark.filterwarnings("ignore:.*built without aux_example:UserWarning")
 @pytest.mark.parametrize(
   "closure, has_aux, match",
   [
@@ -271,6 +272,7 @@ def _update_or_sketch(entry, loss_fn, has_aux):
   return sofo_jax.sketch(loss_fn, PARAMS, tangents, has_aux=has_aux)
 
 
+@pytest.mark.filterwarnings("ignore:.*built without aux_example:UserWarning")
 @pytest.mark.parametrize("entry", ["update", "sketch"])
 @pytest.mark.parametrize(
   "closure, has_aux, match",

@@ -43,7 +43,8 @@ def test_forward_gradient_keeps_the_aux_in_its_state():
   opt = sofo_jax.forward_gradient(0.1, 3, key=jax.random.key(0), has_aux=True)
   state = opt.init(PARAMS)
   params = {"w": jnp.ones((3, 1))}
-  _, state = opt.update(None, state, params, loss_fn=loss_with_aux)
+  with pytest.warns(UserWarning, match="without aux_example"):
+    _, state = opt.update(None, state, params, loss_fn=loss_with_aux)
   aux = sofo_jax.get_state(state).aux
   np.testing.assert_allclose(aux["mean_output"], jnp.mean(X @ params["w"]), rtol=1e-6)
 
