@@ -23,6 +23,7 @@ fixed evaluation batches, the verdict per method and the hand paths
     python benchmarks/double_reach_scale.py --seeds 1 --sofo-variant step_ratio --no-adam
     python benchmarks/double_reach_scale.py --size mid_2ms --seeds 0  # about 75 min
     python benchmarks/double_reach_scale.py --size mid_2ms --seeds 3,5 --no-sofo
+    python benchmarks/double_reach_scale.py --size mid_2ms --seeds 3,5 --no-sofo --adam-rate 3e-3
 """
 
 from __future__ import annotations
@@ -96,6 +97,12 @@ def main(argv=None) -> int:
     default="defaults",
     help="SOFO's settings, from step_control_variants.VARIANTS",
   )
+  parser.add_argument(
+    "--adam-rate",
+    type=float,
+    default=None,
+    help="Adam at this learning rate only, for both runs, instead of the grid",
+  )
   parser.add_argument("--no-adam", action="store_true", help="SOFO only")
   parser.add_argument("--no-sofo", action="store_true", help="Adam only")
   parser.add_argument("--output", default=None, help="JSON path")
@@ -148,11 +155,12 @@ def main(argv=None) -> int:
     print(f"wrote {out}")
     return 0
 
+  grid = ADAM_GRID if args.adam_rate is None else (args.adam_rate,)
   grid_losses, grid_params, seconds = reproduce.train(
-    task, reproduce.adam, "adam", steps, [[lr] for lr in ADAM_GRID], seeds
+    task, reproduce.adam, "adam", steps, [[lr] for lr in grid], seeds
   )
   scores = [reproduce.final_loss(run) for run in grid_losses]
-  best = min(range(len(ADAM_GRID)), key=scores.__getitem__)
+  best = min(range(len(grid)), key=scores.__getitem__)
   adam_params = reproduce.params_at(grid_params, best)
   record(
     "adam",
@@ -160,16 +168,17 @@ def main(argv=None) -> int:
       task,
       grid_losses[best],
       adam_params,
-      seconds / len(ADAM_GRID),
-      learning_rate=ADAM_GRID[best],
-      at_grid_edge=best in (0, len(ADAM_GRID) - 1),
-      grid=[{"learning_rate": lr, "final_loss": s} for lr, s in zip(ADAM_GRID, scores)],
+      seconds / len(grid),
+      learning_rate=grid[best],
+      # A rate given by --adam-rate is no grid's best, so no edge to be at.
+      at_grid_edge=None if len(grid) == 1 else best in (0, len(grid) - 1),
+      grid=[{"learning_rate": lr, "final_loss": s} for lr, s in zip(grid, scores)],
     ),
   )
 
   long_steps = args.adam_factor * steps
   losses, params, seconds = reproduce.train(
-    task, reproduce.adam, "adam", long_steps, [[ADAM_GRID[best]]], seeds
+    task, reproduce.adam, "adam", long_steps, [[grid[best]]], seeds
   )
   adam_long_params = reproduce.params_at(params, 0)
   record(
@@ -179,12 +188,12 @@ def main(argv=None) -> int:
       losses[0],
       adam_long_params,
       seconds,
-      learning_rate=ADAM_GRID[best],
+      learning_rate=grid[best],
       steps=long_steps,
     ),
   )
 
-  first_seed[f"Adam (lr {ADAM_GRID[best]:g})"] = reproduce.params_at(adam_params, 0)
+  first_seed[f"Adam (lr {grid[best]:g})"] = reproduce.params_at(adam_params, 0)
   first_seed[f"Adam, {long_steps} it."] = reproduce.params_at(adam_long_params, 0)
   reproduce.plot_hand_paths(task, first_seed, out.with_suffix(".png"))
   print(f"wrote {out}")

@@ -336,6 +336,15 @@ def test_double_reach_scale_quick(tmp_path):
   )
   assert list(payload["methods"]) == ["sofo_step_ratio"]
 
+  payload = _run_script(
+    "double_reach_scale.py", tmp_path / "adam.json", "--no-sofo", "--adam-rate", "2e-3"
+  )
+  assert list(payload["methods"]) == ["adam", "adam_longer"]
+  adam = payload["methods"]["adam"]
+  assert adam["grid"] == [{"learning_rate": 2e-3, "final_loss": adam["final_loss"]}]
+  assert adam["at_grid_edge"] is None
+  assert payload["methods"]["adam_longer"]["learning_rate"] == 2e-3
+
 
 def test_neurogym_check_quick(tmp_path):
   pytest.importorskip("neurogym")
